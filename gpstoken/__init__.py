@@ -1,0 +1,17 @@
+"""GPSToken: images as 2D Gaussian tokens (sigma_x, sigma_y, rho, mu_x, mu_y) plus texture features.
+
+The compiled operators live in ``gpstoken._C``; importing this package loads them.
+"""
+
+from __future__ import annotations
+
+import torch  # noqa: F401  (must come before the extension: it links against libtorch)
+
+from ._ext import load_extension
+
+load_extension()
+
+from .splat import splat, splat_reference  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["splat", "splat_reference", "__version__"]

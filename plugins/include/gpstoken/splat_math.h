@@ -1,0 +1,154 @@
+// gpstoken/splat_math.h — the one source of the GaussianSplat math (paper Eq. 2-3).
+//
+// Used unchanged by the CPU kernel, the CUDA kernel, the ONNX Runtime op and the TensorRT plugin,
+// so everything here is an inline __host__ __device__ function on plain scalars: no allocation,
+// no framework types.
+//
+// Conventions (the official GPSToken ones, so released checkpoints render the same):
+//   * A token's Gaussian is g = (sigma_x, sigma_y, rho, mu_x, mu_y) in normalized image coordinates,
+//     [-1, 1] over the image; x runs along columns, y along rows.
+//   * Pixel centre i of an axis with n pixels sits at 2 i / (n - 1) - 1 ("align corners").
+//   * The Gaussian is unnormalized (peak 1):
+//       a = (x - mu_x) / sigma_x,  b = (y - mu_y) / sigma_y,  q = 1 - rho^2
+//       G(x, y) = exp(-(a^2 - 2 rho a b + b^2) / (2 q))
+//     and it is zero outside the axis-aligned support |x - mu_x| <= s sigma_x, |y - mu_y| <= s sigma_y
+//     (boundary included; the box ignores rho). s is the support factor: official configs use 3,
+//     the paper says 5.
+//   * The rendered map is R(x, y, k) = sum_i G_i(x, y) f_i[k] (Eq. 3): no alpha, no normalization.
+//
+// Numeric guards: inside the support |a|, |b| <= s, and the quadratic form is >= 0 for |rho| < 1,
+// so G is in [0, 1] and never overflows, however small sigma or 1 - |rho| get. Boxes are computed
+// in floating point and clamped to the image before any integer conversion, so Gaussians far
+// off-image (or with huge sigma) give empty or full boxes instead of overflowed indices.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define GPSTOKEN_HD __host__ __device__ __forceinline__
+#else
+#define GPSTOKEN_HD inline
+#endif
+
+namespace gpstoken {
+
+// Parameter order inside a token's 5-vector.
+enum GaussianParam : int { kSigmaX = 0, kSigmaY = 1, kRho = 2, kMuX = 3, kMuY = 4, kNumParams = 5 };
+
+// Normalized coordinate of pixel centre `i` on an axis of `n >= 2` pixels.
+template <typename T>
+GPSTOKEN_HD T pixel_center(int i, int n) {
+  return T(2 * i) / T(n - 1) - T(1);
+}
+
+// Half-open pixel ranges [x0, x1) x [y0, y1) that contain every pixel centre inside a Gaussian's
+// support (and possibly one more pixel on each side: callers still run `in_support` per pixel, so
+// the box only has to be conservative). Empty when x0 >= x1 or y0 >= y1.
+struct PixelBox {
+  int x0, x1, y0, y1;
+  GPSTOKEN_HD bool empty() const { return x0 >= x1 || y0 >= y1; }
+};
+
+// Pixel index range [lo, hi) of one axis whose centres may lie within `mu +- half_width`.
+template <typename T>
+GPSTOKEN_HD void support_range(T mu, T half_width, int n, int* lo, int* hi) {
+  // pixel_center(i) = c  <=>  i = (c + 1) (n - 1) / 2
+  const T scale = T(n - 1) / T(2);
+  T first = (mu - half_width + T(1)) * scale - T(1);  // one pixel of slack for rounding
+  T last = (mu + half_width + T(1)) * scale + T(1);
+  // Clamping through negated comparisons also maps NaN to the full axis; `in_support` then rejects
+  // every pixel, since comparisons with NaN are false.
+  if (!(first > T(-1))) first = T(-1);
+  if (!(last < T(n))) last = T(n);
+  if (!(first <= last)) {
+    *lo = 0;
+    *hi = 0;
+    return;
+  }
+  int lo_i = static_cast<int>(first);  // truncation == floor for first >= -1 up to the +1 slack
+  int hi_i = static_cast<int>(last) + 1;
+  *lo = lo_i < 0 ? 0 : lo_i;
+  *hi = hi_i > n ? n : hi_i;
+}
+
+template <typename T>
+GPSTOKEN_HD PixelBox support_box(const T* g, T support, int height, int width) {
+  PixelBox box;
+  support_range<T>(g[kMuX], support * g[kSigmaX], width, &box.x0, &box.x1);
+  support_range<T>(g[kMuY], support * g[kSigmaY], height, &box.y0, &box.y1);
+  return box;
+}
+
+// The exact support test of the official renderer: boundary included, rho ignored.
+template <typename T>
+GPSTOKEN_HD bool in_support(T dx, T dy, const T* g, T support) {
+  const T ax = dx < T(0) ? -dx : dx;
+  const T ay = dy < T(0) ? -dy : dy;
+  return ax <= support * g[kSigmaX] && ay <= support * g[kSigmaY];
+}
+
+// Intermediate terms shared by the weight and its gradient at one pixel.
+template <typename T>
+struct GaussianTerms {
+  T a, b;    // standardized offsets (x - mu_x)/sigma_x, (y - mu_y)/sigma_y
+  T q;       // 1 - rho^2, computed as (1 - rho)(1 + rho) to keep precision near |rho| = 1
+  T z;       // exponent: G = exp(-z), z >= 0
+  T weight;  // G
+};
+
+GPSTOKEN_HD float exp_t(float v) {
+#if defined(__CUDA_ARCH__)
+  return expf(v);  // not __expf: its error near 0 is too coarse for gradients
+#else
+  return std::exp(v);
+#endif
+}
+GPSTOKEN_HD double exp_t(double v) {
+#if defined(__CUDA_ARCH__)
+  return exp(v);
+#else
+  return std::exp(v);
+#endif
+}
+
+// G at offset (dx, dy) = (x - mu_x, y - mu_y), assuming the caller checked `in_support`.
+template <typename T>
+GPSTOKEN_HD GaussianTerms<T> gaussian_terms(T dx, T dy, const T* g) {
+  GaussianTerms<T> t;
+  const T rho = g[kRho];
+  t.a = dx / g[kSigmaX];
+  t.b = dy / g[kSigmaY];
+  t.q = (T(1) - rho) * (T(1) + rho);
+  t.z = (t.a * t.a - T(2) * rho * t.a * t.b + t.b * t.b) / (T(2) * t.q);
+  // Rounding can make the quadratic form a hair negative when |rho| ~ 1 and a ~ b.
+  if (t.z < T(0)) t.z = T(0);
+  t.weight = exp_t(-t.z);
+  return t;
+}
+
+// G at pixel (ix, iy) of a height x width map; 0 outside the support.
+template <typename T>
+GPSTOKEN_HD T gaussian_weight(int ix, int iy, const T* g, T support, int height, int width) {
+  const T dx = pixel_center<T>(ix, width) - g[kMuX];
+  const T dy = pixel_center<T>(iy, height) - g[kMuY];
+  if (!in_support(dx, dy, g, support)) return T(0);
+  return gaussian_terms(dx, dy, g).weight;
+}
+
+// dG/d(sigma_x, sigma_y, rho, mu_x, mu_y) from the terms at one pixel inside the support.
+//   dz/da = (a - rho b)/q,  dz/db = (b - rho a)/q,  dz/drho = (2 rho z - a b)/q
+//   da/dmu_x = -1/sigma_x,  da/dsigma_x = -a/sigma_x  (b likewise);  dG = -G dz.
+template <typename T>
+GPSTOKEN_HD void gaussian_weight_grad(const GaussianTerms<T>& t, const T* g, T grad[kNumParams]) {
+  const T rho = g[kRho];
+  const T w_over_q = t.weight / t.q;
+  const T da = w_over_q * (t.a - rho * t.b) / g[kSigmaX];  // = dG/dmu_x
+  const T db = w_over_q * (t.b - rho * t.a) / g[kSigmaY];  // = dG/dmu_y
+  grad[kSigmaX] = da * t.a;
+  grad[kSigmaY] = db * t.b;
+  grad[kRho] = w_over_q * (t.a * t.b - T(2) * rho * t.z);
+  grad[kMuX] = da;
+  grad[kMuY] = db;
+}
+
+}  // namespace gpstoken

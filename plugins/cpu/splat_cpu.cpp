@@ -49,6 +49,14 @@ TileBins bin_by_tile(const std::vector<PixelBox>& boxes, const SplatShape& s, co
   return bins;
 }
 
+// Normalized pixel centres of one axis, computed once per call.
+template <typename T>
+std::vector<T> pixel_centers(int n) {
+  std::vector<T> centers(n);
+  for (int i = 0; i < n; ++i) centers[i] = pixel_center<T>(i, n);
+  return centers;
+}
+
 }  // namespace
 
 void serial_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
@@ -70,6 +78,7 @@ void splat_forward(const T* gaussians, const T* features, T* out, const SplatSha
       boxes[j] = support_box<T>(gaussians + j * kNumParams, support, s.height, s.width);
   });
   const TileBins bins = bin_by_tile(boxes, s, grid);
+  const std::vector<T> xs = pixel_centers<T>(s.width), ys = pixel_centers<T>(s.height);
 
   parallel_for(s.batch * tiles, [&](int64_t begin, int64_t end) {
     std::vector<T> acc(int64_t(kTile) * kTile * C);  // (tile row, tile col, C)
@@ -81,15 +90,16 @@ void splat_forward(const T* gaussians, const T* features, T* out, const SplatSha
       for (int64_t k = bins.offsets[bt]; k < bins.offsets[bt + 1]; ++k) {
         const int64_t i = bins.ids[k];
         const T* g = gaussians + (b * L + i) * kNumParams;
-        const T* f = features + (b * L + i) * C;
+        const T* __restrict f = features + (b * L + i) * C;
+        const GaussianCoeffs<T> coeffs = gaussian_coeffs(g);
         const PixelBox& box = boxes[b * L + i];
         for (int y = std::max(box.y0, ty0); y < std::min(box.y1, ty1); ++y) {
-          const T dy = pixel_center<T>(y, s.height) - g[kMuY];
+          const T dy = ys[y] - g[kMuY];
           for (int x = std::max(box.x0, tx0); x < std::min(box.x1, tx1); ++x) {
-            const T dx = pixel_center<T>(x, s.width) - g[kMuX];
+            const T dx = xs[x] - g[kMuX];
             if (!in_support(dx, dy, g, support)) continue;
-            const T w = gaussian_terms(dx, dy, g).weight;
-            T* a = acc.data() + ((y - ty0) * kTile + (x - tx0)) * C;
+            const T w = gaussian_terms(dx, dy, coeffs).weight;
+            T* __restrict a = acc.data() + ((y - ty0) * kTile + (x - tx0)) * C;
             for (int64_t c = 0; c < C; ++c) a[c] += w * f[c];
           }
         }
@@ -122,30 +132,34 @@ void splat_backward(const T* grad_out, const T* gaussians, const T* features, T*
     }
   });
 
+  const std::vector<T> xs = pixel_centers<T>(s.width), ys = pixel_centers<T>(s.height);
   parallel_for(s.batch * L, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t b = j / L;
       const T* g = gaussians + j * kNumParams;
-      const T* f = features + j * C;
-      T* df = grad_features + j * C;
+      const T* __restrict f = features + j * C;
+      T* __restrict df = grad_features + j * C;
+      const GaussianCoeffs<T> coeffs = gaussian_coeffs(g);
       std::fill(df, df + C, T(0));
       T dg[kNumParams] = {T(0), T(0), T(0), T(0), T(0)};
       const PixelBox box = support_box<T>(g, support, s.height, s.width);
       for (int y = box.y0; y < box.y1; ++y) {
-        const T dy = pixel_center<T>(y, s.height) - g[kMuY];
+        const T dy = ys[y] - g[kMuY];
         for (int x = box.x0; x < box.x1; ++x) {
-          const T dx = pixel_center<T>(x, s.width) - g[kMuX];
+          const T dx = xs[x] - g[kMuX];
           if (!in_support(dx, dy, g, support)) continue;
-          const GaussianTerms<T> terms = gaussian_terms(dx, dy, g);
+          const GaussianTerms<T> terms = gaussian_terms(dx, dy, coeffs);
           if (terms.weight == T(0)) continue;  // underflow: value and gradient are both 0
-          const T* go = grad_hwc.data() + (b * plane + int64_t(y) * W + x) * C;
+          const T* __restrict go = grad_hwc.data() + (b * plane + int64_t(y) * W + x) * C;
           T f_dot_go = T(0);
+          // Without the simd reduction the compiler keeps the dot product a serial scalar chain.
+#pragma omp simd reduction(+ : f_dot_go)
           for (int64_t c = 0; c < C; ++c) {
             f_dot_go += f[c] * go[c];
             df[c] += terms.weight * go[c];
           }
           T dw[kNumParams];
-          gaussian_weight_grad(terms, g, dw);
+          gaussian_weight_grad(terms, coeffs, dw);
           for (int k = 0; k < kNumParams; ++k) dg[k] += f_dot_go * dw[k];
         }
       }

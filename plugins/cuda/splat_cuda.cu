@@ -67,7 +67,7 @@ __global__ void splat_forward_kernel(const T* __restrict__ gaussians, const T* _
           const T* gk = tile_gaussians[k];
           const T dx = cx - gk[kMuX], dy = cy - gk[kMuY];
           if (!in_support(dx, dy, gk, support)) continue;
-          const T w = gaussian_terms(dx, dy, gk).weight;
+          const T w = gaussian_terms(dx, dy, gaussian_coeffs(gk)).weight;
           const T* f = features + (b * L + base + tile_ids[k]) * C + c0;
 #pragma unroll
           for (int cc = 0; cc < kChannelChunk; ++cc)
@@ -109,6 +109,7 @@ __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
   for (int k = 0; k < kNumParams; ++k) g[k] = gaussians[j * kNumParams + k];
   const T* f = features + j * C;
   const T* go_image = grad_out + b * C * plane;
+  const GaussianCoeffs<T> coeffs = gaussian_coeffs(g);
   const PixelBox box = support_box<T>(g, support, H, W);
   const int box_w = box.empty() ? 0 : box.x1 - box.x0;
   const int64_t area = box.empty() ? 0 : int64_t(box_w) * (box.y1 - box.y0);
@@ -124,7 +125,7 @@ __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
       const int x = box.x0 + int(p % box_w), y = box.y0 + int(p / box_w);
       const T dx = pixel_center<T>(x, W) - g[kMuX], dy = pixel_center<T>(y, H) - g[kMuY];
       if (!in_support(dx, dy, g, support)) continue;
-      const GaussianTerms<T> terms = gaussian_terms(dx, dy, g);
+      const GaussianTerms<T> terms = gaussian_terms(dx, dy, coeffs);
       if (terms.weight == T(0)) continue;
       const T* go = go_image + int64_t(y) * W + x;
 #pragma unroll
@@ -134,7 +135,7 @@ __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
         T f_dot_go = T(0);
         for (int64_t c = 0; c < C; ++c) f_dot_go += f[c] * go[c * plane];
         T dw[kNumParams];
-        gaussian_weight_grad(terms, g, dw);
+        gaussian_weight_grad(terms, coeffs, dw);
 #pragma unroll
         for (int k = 0; k < kNumParams; ++k) dg[k] += f_dot_go * dw[k];
       }

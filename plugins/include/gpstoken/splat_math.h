@@ -87,11 +87,28 @@ GPSTOKEN_HD bool in_support(T dx, T dy, const T* g, T support) {
   return ax <= support * g[kSigmaX] && ay <= support * g[kSigmaY];
 }
 
+// Per-Gaussian constants, computed once per Gaussian rather than once per pixel.
+template <typename T>
+struct GaussianCoeffs {
+  T inv_sigma_x, inv_sigma_y;
+  T rho;
+  T inv_two_q;  // 1 / (2 (1 - rho^2)), with 1 - rho^2 as (1 - rho)(1 + rho) for precision near |rho| = 1
+};
+
+template <typename T>
+GPSTOKEN_HD GaussianCoeffs<T> gaussian_coeffs(const T* g) {
+  GaussianCoeffs<T> c;
+  c.inv_sigma_x = T(1) / g[kSigmaX];
+  c.inv_sigma_y = T(1) / g[kSigmaY];
+  c.rho = g[kRho];
+  c.inv_two_q = T(1) / (T(2) * (T(1) - c.rho) * (T(1) + c.rho));
+  return c;
+}
+
 // Intermediate terms shared by the weight and its gradient at one pixel.
 template <typename T>
 struct GaussianTerms {
   T a, b;    // standardized offsets (x - mu_x)/sigma_x, (y - mu_y)/sigma_y
-  T q;       // 1 - rho^2, computed as (1 - rho)(1 + rho) to keep precision near |rho| = 1
   T z;       // exponent: G = exp(-z), z >= 0
   T weight;  // G
 };
@@ -113,13 +130,11 @@ GPSTOKEN_HD double exp_t(double v) {
 
 // G at offset (dx, dy) = (x - mu_x, y - mu_y), assuming the caller checked `in_support`.
 template <typename T>
-GPSTOKEN_HD GaussianTerms<T> gaussian_terms(T dx, T dy, const T* g) {
+GPSTOKEN_HD GaussianTerms<T> gaussian_terms(T dx, T dy, const GaussianCoeffs<T>& c) {
   GaussianTerms<T> t;
-  const T rho = g[kRho];
-  t.a = dx / g[kSigmaX];
-  t.b = dy / g[kSigmaY];
-  t.q = (T(1) - rho) * (T(1) + rho);
-  t.z = (t.a * t.a - T(2) * rho * t.a * t.b + t.b * t.b) / (T(2) * t.q);
+  t.a = dx * c.inv_sigma_x;
+  t.b = dy * c.inv_sigma_y;
+  t.z = (t.a * t.a - T(2) * c.rho * t.a * t.b + t.b * t.b) * c.inv_two_q;
   // Rounding can make the quadratic form a hair negative when |rho| ~ 1 and a ~ b.
   if (t.z < T(0)) t.z = T(0);
   t.weight = exp_t(-t.z);
@@ -132,21 +147,21 @@ GPSTOKEN_HD T gaussian_weight(int ix, int iy, const T* g, T support, int height,
   const T dx = pixel_center<T>(ix, width) - g[kMuX];
   const T dy = pixel_center<T>(iy, height) - g[kMuY];
   if (!in_support(dx, dy, g, support)) return T(0);
-  return gaussian_terms(dx, dy, g).weight;
+  return gaussian_terms(dx, dy, gaussian_coeffs(g)).weight;
 }
 
 // dG/d(sigma_x, sigma_y, rho, mu_x, mu_y) from the terms at one pixel inside the support.
-//   dz/da = (a - rho b)/q,  dz/db = (b - rho a)/q,  dz/drho = (2 rho z - a b)/q
+//   q = 1 - rho^2,  dz/da = (a - rho b)/q,  dz/db = (b - rho a)/q,  dz/drho = (2 rho z - a b)/q
 //   da/dmu_x = -1/sigma_x,  da/dsigma_x = -a/sigma_x  (b likewise);  dG = -G dz.
 template <typename T>
-GPSTOKEN_HD void gaussian_weight_grad(const GaussianTerms<T>& t, const T* g, T grad[kNumParams]) {
-  const T rho = g[kRho];
-  const T w_over_q = t.weight / t.q;
-  const T da = w_over_q * (t.a - rho * t.b) / g[kSigmaX];  // = dG/dmu_x
-  const T db = w_over_q * (t.b - rho * t.a) / g[kSigmaY];  // = dG/dmu_y
+GPSTOKEN_HD void gaussian_weight_grad(const GaussianTerms<T>& t, const GaussianCoeffs<T>& c,
+                                      T grad[kNumParams]) {
+  const T w_over_q = T(2) * t.weight * c.inv_two_q;
+  const T da = w_over_q * (t.a - c.rho * t.b) * c.inv_sigma_x;  // = dG/dmu_x
+  const T db = w_over_q * (t.b - c.rho * t.a) * c.inv_sigma_y;  // = dG/dmu_y
   grad[kSigmaX] = da * t.a;
   grad[kSigmaY] = db * t.b;
-  grad[kRho] = w_over_q * (t.a * t.b - T(2) * rho * t.z);
+  grad[kRho] = w_over_q * (t.a * t.b - T(2) * c.rho * t.z);
   grad[kMuX] = da;
   grad[kMuY] = db;
 }

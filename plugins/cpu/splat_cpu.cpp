@@ -1,6 +1,7 @@
 #include "splat_cpu.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "gpstoken/splat_math.h"
@@ -120,13 +121,14 @@ void splat_backward(const T* grad_out, const T* gaussians, const T* features, T*
   const int64_t H = s.height, W = s.width, C = s.channels, L = s.tokens;
   const int64_t plane = H * W;
   // Channels-last copy of grad_out, so that one pixel's C values are contiguous.
-  std::vector<T> grad_hwc(s.batch * plane * C);
+  // Uninitialized on purpose: every element is written below (a std::vector would memset it first).
+  const std::unique_ptr<T[]> grad_hwc(new T[s.batch * plane * C]);
   parallel_for(s.batch * H, [&](int64_t begin, int64_t end) {
     for (int64_t by = begin; by < end; ++by) {
       const int64_t b = by / H, y = by % H;
       for (int64_t c = 0; c < C; ++c) {
         const T* src = grad_out + (b * C + c) * plane + y * W;
-        T* dst = grad_hwc.data() + (b * plane + y * W) * C + c;
+        T* dst = grad_hwc.get() + (b * plane + y * W) * C + c;
         for (int64_t x = 0; x < W; ++x) dst[x * C] = src[x];
       }
     }
@@ -150,7 +152,7 @@ void splat_backward(const T* grad_out, const T* gaussians, const T* features, T*
           if (!in_support(dx, dy, g, support)) continue;
           const GaussianTerms<T> terms = gaussian_terms(dx, dy, coeffs);
           if (terms.weight == T(0)) continue;  // underflow: value and gradient are both 0
-          const T* __restrict go = grad_hwc.data() + (b * plane + int64_t(y) * W + x) * C;
+          const T* __restrict go = grad_hwc.get() + (b * plane + int64_t(y) * W + x) * C;
           T f_dot_go = T(0);
           // Without the simd reduction the compiler keeps the dot product a serial scalar chain.
 #pragma omp simd reduction(+ : f_dot_go)

@@ -50,8 +50,8 @@ def test_demo_bad_image_is_one_line_error(tmp_path, content, message):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_help_explains_the_demo():
-    result = subprocess.run([sys.executable, "-m", "gpstoken.cli", "demo", "--help"], capture_output=True, text=True)
+def test_help_explains_the_demo(tmp_path):
+    result = run_cli("demo", "--help", cwd=tmp_path)
     assert result.returncode == 0 and "--tokens" in result.stdout and "splat" in result.stdout
 
 

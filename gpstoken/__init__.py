@@ -11,7 +11,8 @@ from ._ext import load_extension
 
 load_extension()
 
+from .partition import Partition, calibrate, partition  # noqa: E402
 from .splat import splat, splat_reference  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["splat", "splat_reference", "__version__"]
+__all__ = ["Partition", "calibrate", "partition", "splat", "splat_reference", "__version__"]

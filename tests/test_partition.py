@@ -21,6 +21,8 @@ reference = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(reference)
 
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]
+# Every photo scikit-image bundles without a download (grey ones included).
+ALL_BUNDLED = PHOTOS + ["cat", "hubble_deep_field", "retina", "brick", "grass", "gravel", "moon", "coins"]
 
 
 def photo(name: str, size: int = 256) -> np.ndarray:
@@ -37,16 +39,18 @@ def assert_valid_tiling(boxes: np.ndarray, height: int, width: int, min_size: in
     assert (cover == 1).all(), f"{case}: boxes overlap or leave gaps"
 
 
-@pytest.mark.parametrize("name", PHOTOS[:4])
-@pytest.mark.parametrize("tokens", [16, 64, 128, 256])
-def test_cpp_partition_equals_python_reference(name, tokens):
+@pytest.mark.parametrize("name", ALL_BUNDLED)
+def test_cpp_partition_equals_python_reference(name):
     image = photo(name)
     grey = reference.grey01(image)
     np.testing.assert_array_equal(native.grey_from_rgb(image), grey)
-    expected = reference.partition(grey, tokens)
-    got = partition(image, tokens)
-    np.testing.assert_array_equal(got.boxes, expected, err_msg=f"{name} {tokens} tokens")
-    np.testing.assert_allclose(got.g_init, reference.boxes_to_gaussians(expected, 256, 256), rtol=1e-6, atol=1e-7)
+    for tokens in (16, 64, 128, 256):
+        expected = reference.partition(grey, tokens)
+        got = partition(image, tokens)
+        np.testing.assert_array_equal(got.boxes, expected, err_msg=f"{name} {tokens} tokens")
+        np.testing.assert_allclose(
+            got.g_init, reference.boxes_to_gaussians(expected, 256, 256), rtol=1e-6, atol=1e-7
+        )
 
 
 @pytest.mark.parametrize("name", PHOTOS)
@@ -184,3 +188,8 @@ def test_partition_cli_draws_picture(tmp_path):
         [sys.executable, "-m", "gpstoken.cli", "partition", "--focus", "0,0,900,9"], capture_output=True, text=True, cwd=tmp_path
     )
     assert bad.returncode == 2 and "not inside" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    broken = subprocess.run(
+        [sys.executable, "-m", "gpstoken.cli", "partition", str(tmp_path / "broken.png")], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert broken.returncode == 2 and "broken.png" in broken.stderr and "Traceback" not in broken.stderr

@@ -13,6 +13,20 @@ load_extension()
 
 from .partition import Partition, calibrate, partition  # noqa: E402
 from .splat import splat, splat_reference  # noqa: E402
+from .config import TokenizerConfig  # noqa: E402
+from .tokenizer import GPSTokenizer, to_uint8  # noqa: E402
+from .tokens import Tokens  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["Partition", "calibrate", "partition", "splat", "splat_reference", "__version__"]
+__all__ = [
+    "GPSTokenizer",
+    "Partition",
+    "Tokens",
+    "TokenizerConfig",
+    "calibrate",
+    "partition",
+    "splat",
+    "splat_reference",
+    "to_uint8",
+    "__version__",
+]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import CheckpointError
 from .imageio import ImageError, bundled_photo, center_crop_resize, load_image
 
 
@@ -102,6 +103,90 @@ def _cmd_partition(args: argparse.Namespace) -> None:
     )
 
 
+def _default_model() -> Path | None:
+    """The small demo model shipped inside the package, if this install has it."""
+    path = Path(__file__).parent / "weights" / "tiny"
+    return path if (path / "model.safetensors").exists() else None
+
+
+def _load_model(model_arg, device: str):
+    from .tokenizer import GPSTokenizer
+
+    path = Path(model_arg) if model_arg else _default_model()
+    if path is None:
+        raise ValueError(
+            "no model given: pass --model DIR (a folder written by save_pretrained or `gpstoken convert-official`)"
+        )
+    return GPSTokenizer.from_pretrained(path, device=device), path
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from .checkpoint import save_tensors
+    from .metrics import psnr, ssim
+    from .partition import priority_from_boxes
+    from .tokenizer import to_uint8
+    from .viz import draw_gaussians, error_map, panels
+
+    if args.image is not None:
+        image, source = load_image(args.image), str(args.image)
+    else:
+        image, source = bundled_photo(args.photo), f"skimage.data.{args.photo}"
+    if args.size:
+        image = center_crop_resize(image, args.size)
+    model, model_path = _load_model(args.model, args.device)
+    h, w = image.shape[:2]
+    priority = priority_from_boxes((h, w), args.focus, args.focus_weight) if args.focus else None
+    with torch.inference_mode():
+        model.reconstruct(image[:64, :64], 16)  # warm-up, so latency excludes one-off setup
+        t0 = time.perf_counter()
+        tokens = model.encode(image, args.tokens, priority)
+        t1 = time.perf_counter()
+        recon = to_uint8(model.decode(tokens))[0]
+        t2 = time.perf_counter()
+    g_init = tokens.image_g(tokens.g_init)[0].cpu().numpy()
+    g = tokens.image_g()[0].cpu().numpy()
+    quality = (psnr(image, recon), ssim(image, recon))
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    pictures = {
+        "input.png": Image.fromarray(image),
+        "reconstruction.png": Image.fromarray(recon),
+        "gaussians_init.png": draw_gaussians(image, g_init, color=(64, 160, 255)),
+        "gaussians.png": draw_gaussians(image, g),
+        "error.png": Image.fromarray(error_map(image, recon)),
+    }
+    pictures["compare.png"] = panels(
+        list(pictures.values()),
+        ["input", f"recon {quality[0]:.2f} dB", "g_init (partition)", "g (refined)", "|error| (64 = max)"],
+        scale=2 if max(h, w) <= 160 else 1,
+    )
+    for name, picture in pictures.items():
+        picture.save(out / name)
+    save_tensors(
+        out / "tokens.safetensors",
+        {"g": tokens.g[0], "f": tokens.f[0], "g_init": tokens.g_init[0], "g_image": tokens.image_g()[0]},
+        metadata={"image_size": f"{h},{w}", "model": str(model_path)},
+    )
+    print(f"{source}: {w}x{h}, {len(tokens)} tokens ({len(tokens.tile_boxes)} tile(s)), model {model_path} ({model.config.name})")
+    print(f"PSNR {quality[0]:.2f} dB   SSIM {quality[1]:.4f}")
+    print(f"latency  encode {1000 * (t1 - t0):.0f} ms (partition + encoder)   decode {1000 * (t2 - t1):.0f} ms  [{args.device}]")
+    print(f"wrote {', '.join(sorted(pictures))} and tokens.safetensors to {out}/")
+
+
+def _cmd_convert_official(args: argparse.Namespace) -> None:
+    from .convert import convert_official
+
+    model = convert_official(args.checkpoint, args.config, args.out)
+    print(f"converted {args.checkpoint} ({model.num_parameters():,} parameters, {args.config}) -> {args.out}/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpstoken",
@@ -148,6 +233,42 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--focus-weight", type=float, default=200.0, help="priority per focused pixel (default 200)")
     part.add_argument("--out", default="partition.png", help="output picture (default partition.png)")
     part.set_defaults(run=_cmd_partition)
+
+    rec = sub.add_parser(
+        "reconstruct",
+        help="encode a photo into Gaussian tokens and decode it back; pictures + PSNR/SSIM",
+        description=(
+            "Partition the image (Alg. 1), encode it into Gaussian tokens, decode them and write to OUT: "
+            "input.png, reconstruction.png, gaussians_init.png (partition, blue), gaussians.png (refined, red), "
+            "error.png (per-pixel |error|), compare.png (all side by side) and tokens.safetensors "
+            "(g, f, g_init in tile coordinates, g_image over the whole image). Prints PSNR/SSIM and latency. "
+            "Images larger than 256x256 are encoded per 256 tile (tokens scale with area)."
+        ),
+    )
+    rec.add_argument("image", nargs="?", type=Path, help="image file (default: a bundled photo)")
+    rec.add_argument("--photo", default="astronaut", help="skimage.data photo when no image is given")
+    rec.add_argument("--model", type=Path, help="model folder (save_pretrained / convert-official); default: the shipped demo model")
+    rec.add_argument("--tokens", type=_positive_int, default=None, help="token count (default: the model's tokens per 256x256 tile, scaled by area)")
+    rec.add_argument("--size", type=int, default=256, help="resize short side + centre crop to this (0: keep the image size; default 256)")
+    rec.add_argument("--focus", type=_box, action="append", help="x0,y0,x1,y1 box that attracts tokens (repeatable)")
+    rec.add_argument("--focus-weight", type=float, default=200.0, help="priority per focused pixel (default 200)")
+    rec.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    rec.add_argument("--out", default="gpstoken_reconstruct", help="output folder (default ./gpstoken_reconstruct)")
+    rec.set_defaults(run=_cmd_reconstruct)
+
+    conv = sub.add_parser(
+        "convert-official",
+        help="convert an official GPSToken .safetensors checkpoint to a gpstoken model folder",
+        description=(
+            "Map the released official weights (gpstoken_s64/m128/l256.safetensors, a local file: nothing is "
+            "downloaded) to this implementation's layout with strict name and shape checks, and save "
+            "OUT/config.json + OUT/model.safetensors. Mismatches are listed by name."
+        ),
+    )
+    conv.add_argument("checkpoint", type=Path, help="official .safetensors file")
+    conv.add_argument("--config", required=True, choices=["s64", "m128", "l256"], help="which official model it is")
+    conv.add_argument("--out", required=True, type=Path, help="output model folder")
+    conv.set_defaults(run=_cmd_convert_official)
     return parser
 
 
@@ -155,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ImageError, FileNotFoundError, ValueError) as err:
+    except (ImageError, CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"gpstoken {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

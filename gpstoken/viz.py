@@ -51,3 +51,23 @@ def panels(images: Sequence[np.ndarray | Image.Image], titles: Sequence[str], sc
         draw.text((x + 2, 2), title, fill=(0, 0, 0), font=font)
         x += im.width + 4
     return out
+
+
+# Black -> purple -> orange -> yellow -> white, like perceptual "inferno"-style maps.
+_HEAT_STOPS = np.array(
+    [[0, 0, 0], [80, 18, 123], [190, 55, 82], [250, 140, 10], [252, 255, 164]], dtype=np.float64
+)
+
+
+def heatmap(values: np.ndarray, vmax: float) -> np.ndarray:
+    """(H, W) non-negative values -> (H, W, 3) uint8 colours, ``vmax`` and above at the top colour."""
+    t = np.clip(np.asarray(values, dtype=np.float64) / max(vmax, 1e-12), 0, 1) * (len(_HEAT_STOPS) - 1)
+    lo = np.floor(t).astype(int).clip(0, len(_HEAT_STOPS) - 2)
+    frac = (t - lo)[..., None]
+    return (_HEAT_STOPS[lo] * (1 - frac) + _HEAT_STOPS[lo + 1] * frac).round().astype(np.uint8)
+
+
+def error_map(reference: np.ndarray, image: np.ndarray, vmax: float = 64.0) -> np.ndarray:
+    """Per-pixel mean absolute error of two uint8 images as a heat map (``vmax`` grey levels = brightest)."""
+    diff = np.abs(np.asarray(reference, np.float64) - np.asarray(image, np.float64)).mean(axis=-1)
+    return heatmap(diff, vmax)

@@ -1,0 +1,287 @@
+"""``GPSTokenizer``: images <-> Gaussian tokens, with a from_pretrained / save_pretrained API.
+
+Inputs to ``encode`` / ``reconstruct``:
+  - uint8 arrays (H, W, 3) or (B, H, W, 3), a list of same-size uint8 arrays, or PIL images;
+  - torch tensors (B, 3, H, W) or (3, H, W): float in [-1, 1] (the library's range) or uint8.
+All images of a batch must have the same size (a mixed-size batch is refused: resize first, e.g. with
+``gpstoken.imageio.center_crop_resize``). Images larger than the tile (256) are partitioned and encoded
+per tile with ``tokens_per_tile`` tokens each (tokens scale with area), as the official high-resolution
+path. ``decode`` returns float images in about [-1, 1]; ``to_uint8`` converts them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    CheckpointError,
+    atomic_write_text,
+    describe_mismatch,
+    load_tensors,
+    read_json,
+    save_tensors,
+)
+from .config import TokenizerConfig, preset
+from .decoder import GaussianDecoder
+from .encoder import GaussianEncoder
+from .imageio import ImageError, to_rgb_uint8
+from .partition import Partition, partition
+from .tokens import Tokens
+
+_RANGE_SLACK = 1e-3
+
+
+class GPSTokenizer(nn.Module):
+    def __init__(self, config: TokenizerConfig | str | None = None):
+        super().__init__()
+        if config is None or isinstance(config, str):
+            config = preset(config or "m128")
+        self.config = config
+        self.encoder = GaussianEncoder(config)
+        self.decoder = GaussianDecoder(config)
+
+    # ----------------------------------------------------------------- files
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (float32) into ``folder``, each atomically."""
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"{folder}: exists and is not a folder")
+        config_json = self.config.to_json()
+        state = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict().items()}
+        save_tensors(folder / WEIGHTS_FILE, state, metadata={"gpstoken_config": config_json})
+        atomic_write_text(folder / CONFIG_FILE, config_json + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> GPSTokenizer:
+        """Load a folder written by ``save_pretrained`` (or its ``model.safetensors`` alone)."""
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such model folder or file")
+        weights_path = path / WEIGHTS_FILE if path.is_dir() else path
+        tensors, metadata = load_tensors(weights_path)
+        embedded = metadata.get("gpstoken_config")
+        if path.is_dir() and (path / CONFIG_FILE).exists():
+            config_data = read_json(path / CONFIG_FILE)
+            if embedded is not None and json.loads(embedded) != config_data:
+                raise CheckpointError(
+                    f"{path}: {CONFIG_FILE} and {WEIGHTS_FILE} come from different saves (the config stored in the "
+                    "weights differs); re-save the model or restore the matching config"
+                )
+        elif embedded is not None:
+            config_data = json.loads(embedded)
+        else:
+            raise CheckpointError(
+                f"{weights_path}: has no gpstoken config (no {CONFIG_FILE} beside it and none in its metadata)"
+                + _official_hint(tensors)
+            )
+        try:
+            config = TokenizerConfig.from_dict(config_data)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: bad config ({err})") from None
+        model = cls(config)
+        model.load_weights(tensors, source=str(weights_path))
+        return model.to(device).eval()
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
+        """Load a state dict strictly; CheckpointError lists missing, unexpected and mis-shaped tensors."""
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        problem = describe_mismatch(expected, tensors, f"{source} ({self.config.name} config)")
+        if problem:
+            raise CheckpointError(problem + _official_hint(tensors))
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{source}: non-finite values in {', '.join(bad[:5])}")
+        self.load_state_dict(tensors, strict=True)
+
+    # ----------------------------------------------------------------- inputs
+    def prepare(self, images) -> tuple[torch.Tensor, np.ndarray]:
+        """(x (B, 3, H, W) float in [-1, 1] on the model's device, uint8 (B, H, W, 3) for the partition)."""
+        device, dtype = self._device_dtype()
+        if isinstance(images, torch.Tensor):
+            x = images.unsqueeze(0) if images.ndim == 3 else images
+            if x.ndim != 4 or x.shape[1] != 3:
+                raise ImageError(f"image tensor must be (B, 3, H, W) or (3, H, W), got shape {tuple(images.shape)}")
+            if x.dtype == torch.uint8:
+                x = x.to(device=device, dtype=dtype) / 127.5 - 1
+            elif x.is_floating_point():
+                if not torch.isfinite(x).all():
+                    raise ImageError("image tensor contains NaN or Inf")
+                lo, hi = float(x.min()), float(x.max())
+                if lo < -1 - _RANGE_SLACK or hi > 1 + _RANGE_SLACK:
+                    raise ImageError(
+                        f"float image values must be in [-1, 1], got [{lo:.3g}, {hi:.3g}] "
+                        "(pass uint8 for 0..255 data, or map [0, 1] data with x * 2 - 1)"
+                    )
+                x = x.to(device=device, dtype=dtype).clamp(-1, 1)
+            else:
+                raise ImageError(f"image tensor must be float or uint8, got {x.dtype}")
+            rgb = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            return x, rgb.permute(0, 2, 3, 1).contiguous().numpy()
+        if isinstance(images, (list, tuple)):
+            arrays = [to_rgb_uint8(np.asarray(im), f"image {k}") for k, im in enumerate(images)]
+            sizes = {a.shape[:2] for a in arrays}
+            if len(sizes) > 1:
+                raise ImageError(
+                    f"images in a batch must share one size, got {sorted(sizes)}; resize them first "
+                    "(gpstoken.imageio.center_crop_resize) or encode them one by one"
+                )
+            batch = np.stack(arrays) if arrays else np.zeros((0, 2, 2, 3), np.uint8)
+        else:
+            arr = np.asarray(images)
+            if arr.ndim == 4:
+                batch = np.stack([to_rgb_uint8(a, f"image {k}") for k, a in enumerate(arr)])
+            else:
+                batch = to_rgb_uint8(arr)[None]
+        if len(batch) == 0:
+            raise ImageError("no images given")
+        x = torch.tensor(batch, device=device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1
+        return x, batch
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        p = self.encoder.query_base
+        return p.device, p.dtype
+
+    # ----------------------------------------------------------------- encode / decode
+    def forward(self, images: torch.Tensor, g_init: torch.Tensor, boxes: torch.Tensor):
+        """Training path on single-tile images: (reconstruction, g, f).
+
+        images (B, 3, H, W) in [-1, 1]; g_init (B, L, 5) and boxes (B, L, 4) from the partition.
+        """
+        g, f = self.encoder(images, g_init, boxes)
+        return self.decode_single(g, f, images.shape[-2:]), g, f
+
+    def partition(self, rgb: np.ndarray, num_tokens: int | None = None, priority=None) -> list[Partition]:
+        """Alg. 1 with the model's settings on uint8 (B, H, W, 3)."""
+        h, w = rgb.shape[1:3]
+        if num_tokens is None:
+            rows, cols = -(-h // self.config.tile), -(-w // self.config.tile)
+            num_tokens = self.config.tokens_per_tile * rows * cols
+        return partition(
+            rgb, num_tokens, lam=self.config.lam, min_size=self.config.min_region, priority=priority, tile=self.config.tile
+        )
+
+    def encode(self, images, num_tokens: int | None = None, priority=None) -> Tokens:
+        """Partition (Alg. 1) and encode. ``num_tokens`` defaults to ``tokens_per_tile`` per 256x256 tile;
+        ``priority``: an (H, W) map (or one per image) that pulls tokens to a region, see
+        ``gpstoken.partition.priority_from_boxes``."""
+        x, rgb = self.prepare(images)
+        parts = self.partition(rgb, num_tokens, priority)
+        return self.encode_partitions(x, parts)
+
+    def encode_partitions(self, x: torch.Tensor, parts: list[Partition]) -> Tokens:
+        """Encode images x (B, 3, H, W) with precomputed partitions (one per image, same layout)."""
+        device, dtype = x.device, x.dtype
+        first = parts[0]
+        tiles = [tuple(int(v) for v in t) for t in first.tiles]
+        for k, p in enumerate(parts):
+            if not (np.array_equal(p.tiles, first.tiles) and np.array_equal(p.tile_index, first.tile_index)):
+                raise ValueError(f"partition {k} has a different tile layout than partition 0")
+        tile_index = torch.from_numpy(first.tile_index.astype(np.int64))
+        g_init = torch.from_numpy(np.stack([p.g_init for p in parts])).to(device, dtype)
+        boxes = torch.from_numpy(np.stack([p.boxes for p in parts]).astype(np.float32)).to(device, dtype)
+
+        b, n = g_init.shape[:2]
+        g = x.new_empty(b, n, 5)
+        f = x.new_empty(b, n, self.config.feature_channels)
+        # Tiles of one size and token count are encoded together, each as its own image.
+        groups: dict[tuple, list[int]] = {}
+        for t, (x0, y0, x1, y1) in enumerate(tiles):
+            count = int((tile_index == t).sum())
+            groups.setdefault((y1 - y0 + 1, x1 - x0 + 1, count), []).append(t)
+        for ts in groups.values():
+            crops, gi, bx, idx = [], [], [], []
+            for t in ts:
+                x0, y0, x1, y1 = tiles[t]
+                sel = (tile_index == t).nonzero().squeeze(1).to(device)
+                crops.append(x[:, :, y0 : y1 + 1, x0 : x1 + 1])
+                gi.append(g_init[:, sel])
+                bx.append(boxes[:, sel] - torch.tensor([x0, y0, x0, y0], dtype=dtype, device=device))
+                idx.append(sel)
+            gt, ft = self.encoder(torch.cat(crops), torch.cat(gi), torch.cat(bx))
+            for k, sel in enumerate(idx):
+                g[:, sel] = gt[k * b : (k + 1) * b]
+                f[:, sel] = ft[k * b : (k + 1) * b]
+        return Tokens(
+            g=g, f=f, image_size=tuple(first.image_size), g_init=g_init, tiles=tuple(tiles), tile_index=tile_index.to(device)
+        )
+
+    def decode(self, tokens: Tokens) -> torch.Tensor:
+        """(B, 3, H, W) images in about [-1, 1] from any number of tokens."""
+        self._check_tokens(tokens)
+        device, dtype = self._device_dtype()
+        tokens = tokens.to(device)
+        g, f = tokens.g.to(dtype), tokens.f.to(dtype)
+        h, w = tokens.image_size
+        tiles = tokens.tile_boxes
+        if len(tiles) == 1:
+            return self.decode_single(g, f, (h, w))
+        if self.config.merge_tiles:
+            image = self.decoder(self.decoder.render(tokens.image_g(g), f, self.decoder.map_size(h, w)), tokens.grid)
+            return _resize(image, (h, w))
+        # Each tile decoded on its own and placed (official L256 path).
+        out = g.new_zeros(g.shape[0], 3, h, w)
+        ids = tokens.tile_ids
+        for t, (x0, y0, x1, y1) in enumerate(tiles):
+            sel = (ids == t).nonzero().squeeze(1)
+            out[:, :, y0 : y1 + 1, x0 : x1 + 1] = self.decode_single(g[:, sel], f[:, sel], (y1 - y0 + 1, x1 - x0 + 1))
+        return out
+
+    def decode_single(self, g: torch.Tensor, f: torch.Tensor, size) -> torch.Tensor:
+        """Decode tokens of one tile covering a (H, W) image."""
+        h, w = (int(v) for v in size)
+        return _resize(self.decoder(self.decoder.render(g, f, self.decoder.map_size(h, w))), (h, w))
+
+    def reconstruct(self, images, num_tokens: int | None = None, priority=None) -> torch.Tensor:
+        return self.decode(self.encode(images, num_tokens, priority))
+
+    def _check_tokens(self, tokens: Tokens) -> None:
+        if not isinstance(tokens, Tokens):
+            raise TypeError(f"decode expects gpstoken.Tokens, got {type(tokens).__name__}")
+        c = self.config.feature_channels
+        if tokens.f.shape[-1] != c:
+            raise ValueError(f"tokens have {tokens.f.shape[-1]} feature channels, the {self.config.name} model expects {c}")
+        for name, t in (("g", tokens.g), ("f", tokens.f)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"tokens.{name} contains NaN or Inf")
+        g = tokens.g
+        if (g[..., :2] <= 0).any():
+            raise ValueError("tokens.g has sigma <= 0")
+        if (g[..., 2].abs() >= 1).any():
+            raise ValueError("tokens.g has |rho| >= 1")
+        tiles = tokens.tile_boxes
+        ids = tokens.tile_ids
+        if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(tiles)):
+            raise ValueError(f"tokens.tile_index must be in [0, {len(tiles)}) (the tile count), got {int(ids.min())}..{int(ids.max())}")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (rounded)."""
+    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _official_hint(tensors: dict) -> str:
+    if any(k.startswith(("attnblocks.", "preprocess_img.", "ema_model.attnblocks.")) for k in tensors):
+        return (
+            "\nThis looks like an official GPSToken checkpoint: convert it first with "
+            "`gpstoken convert-official FILE --config m128 --out DIR`."
+        )
+    return ""

@@ -187,6 +187,25 @@ def _cmd_convert_official(args: argparse.Namespace) -> None:
     print(f"converted {args.checkpoint} ({model.num_parameters():,} parameters, {args.config}) -> {args.out}/")
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate
+    from .imagesets import list_images
+    from .perceptual import InceptionFeatures, LPIPS
+
+    model, model_path = _load_model(args.model, args.device)
+    files = list_images(args.data)
+    lpips = LPIPS.from_weights(args.lpips_weights).to(args.device) if args.lpips_weights else None
+    inception = InceptionFeatures.from_weights(args.inception_weights).to(args.device) if args.inception_weights else None
+    result = evaluate(model, files, args.size, args.tokens, lpips, inception)
+    print(f"model {model_path} ({model.config.name}) on {args.data}")
+    print(result.table())
+    off = [n for n, m in (("LPIPS", lpips), ("rFID", inception)) if m is None]
+    if off:
+        print(f"({' and '.join(off)} not computed: pass --lpips-weights / --inception-weights with local weight files)")
+    for item in result.skipped:
+        print(f"skipped {item}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpstoken",
@@ -255,6 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--device", default="cpu", help="torch device (default cpu)")
     rec.add_argument("--out", default="gpstoken_reconstruct", help="output folder (default ./gpstoken_reconstruct)")
     rec.set_defaults(run=_cmd_reconstruct)
+
+    ev = sub.add_parser(
+        "eval",
+        help="reconstruction metrics (PSNR, SSIM, and LPIPS / rFID from local weights) over an image set",
+        description=(
+            "Resize + centre-crop every image to --size, reconstruct it and print the paper's Table 1 columns "
+            "that can be computed: PSNR and SSIM always, LPIPS with --lpips-weights, rFID with "
+            "--inception-weights (local files, nothing is downloaded). --data: a folder (recursive), a text "
+            "file listing image paths, or skimage: / sklearn: for the bundled photos."
+        ),
+    )
+    ev.add_argument("--model", type=Path, help="model folder; default: the shipped demo model")
+    ev.add_argument("--data", default="sklearn:", help="images: folder, list file, skimage: or sklearn: (default sklearn:)")
+    ev.add_argument("--size", type=_positive_int, default=256, help="evaluation size (default 256)")
+    ev.add_argument("--tokens", type=_positive_int, default=None, help="tokens per image (default: the model's)")
+    ev.add_argument("--lpips-weights", help="local LPIPS weights (VGG16 + heads; comma-separate two files)")
+    ev.add_argument("--inception-weights", help="local FID Inception-v3 weights (pytorch-fid / torch-fidelity file)")
+    ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    ev.set_defaults(run=_cmd_eval)
 
     conv = sub.add_parser(
         "convert-official",

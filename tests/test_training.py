@@ -1,0 +1,236 @@
+"""Tokenizer training: DDP equals single-process, exact resume after SIGKILL, losses, data errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from gpstoken.imageio import bundled_photo, center_crop_resize
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "training" / "train_tokenizer.py"
+sys.path.insert(0, str(ROOT / "training"))
+
+from checkpointing import completed_checkpoints  # noqa: E402
+from data import StepBatches  # noqa: E402
+
+SMALL = ["--size", "64", "--tokens", "16", "--workers", "0", "--threads", "1", "--log-every", "1", "--image-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        Image.fromarray(center_crop_resize(bundled_photo(name), 96)).save(folder / f"{name}.png")
+    (folder / "nested").mkdir()
+    Image.fromarray(center_crop_resize(bundled_photo("camera"), 80)).save(folder / "nested" / "camera.png")
+    return folder
+
+
+def run_train(args, env_extra=None, check=True, launcher=None, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = (launcher or [sys.executable]) + [str(TRAIN), *SMALL, *[str(a) for a in args]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def final_weights(out: Path, part: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(str(completed_checkpoints(out / "checkpoints")[-1] / f"{part}.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by {worst}"
+
+
+def test_resume_after_sigkill_is_exact(photos, tmp_path):
+    common = ["--data", photos, "--batch", "2", "--steps", "6", "--ckpt-every", "2", "--lr", "1e-3"]
+    run_train([*common, "--out", tmp_path / "straight"])
+
+    # killed right after checkpoint 2, then resumed
+    killed = run_train([*common, "--out", tmp_path / "a"], {"GPSTOKEN_TRAIN_CRASH_TEST": "after_ckpt:2"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in completed_checkpoints(tmp_path / "a" / "checkpoints")] == ["step_00000002"]
+    run_train([*common, "--out", tmp_path / "a", "--resume"])
+
+    # killed while checkpoint 4 is half written: the partial folder is ignored and removed, 2 is used
+    killed = run_train([*common, "--out", tmp_path / "b"], {"GPSTOKEN_TRAIN_CRASH_TEST": "during_ckpt:4"}, check=False)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name for p in completed_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_00000002"]
+    assert list((tmp_path / "b" / "checkpoints").glob("step_00000004.tmp-*"))
+    resumed = run_train([*common, "--out", tmp_path / "b", "--resume"])
+    assert "incomplete checkpoint" in resumed.stderr + resumed.stdout
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp-*"))
+
+    straight = final_weights(tmp_path / "straight")
+    for run in ("a", "b"):
+        assert_same_weights(final_weights(tmp_path / run), straight)
+        assert_same_weights(final_weights(tmp_path / run, "ema"), final_weights(tmp_path / "straight", "ema"))
+    # the inference model folder holds the EMA weights
+    ema = final_weights(tmp_path / "straight", "ema")
+    assert_same_weights(load_file(str(tmp_path / "straight" / "model" / "model.safetensors")), ema)
+
+
+def test_two_process_ddp_equals_single_process(photos, tmp_path):
+    common = ["--data", photos, "--batch", "4", "--steps", "3", "--ckpt-every", "3", "--lr", "1e-3"]
+    run_train([*common, "--out", tmp_path / "single"])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2"]
+    run_train([*common, "--out", tmp_path / "ddp"], launcher=launcher)
+    check = json.loads((tmp_path / "ddp" / "ddp_check.json").read_text())
+    assert check["ranks"] == 2 and check["max_abs_diff"] == 0.0
+    ddp, single = final_weights(tmp_path / "ddp"), final_weights(tmp_path / "single")
+    diff = torch.cat([(ddp[k] - single[k]).abs().flatten() for k in single])
+    # Adam divides each gradient element by its own magnitude, so elements whose gradient is at rounding
+    # level (conv biases right before a GroupNorm) may step +-lr in either run; everything else agrees.
+    assert (diff > 1e-5).float().mean() < 1e-4, f"{int((diff > 1e-5).sum())} of {diff.numel()} weights differ"
+    assert diff.max() <= 2 * 3 * 1e-3  # never more than the largest possible Adam disagreement (3 steps)
+
+
+def test_step_batches_split_the_global_batch():
+    single = list(StepBatches(5, 4, seed=3, start_step=0, total_steps=6))
+    ranks = [list(StepBatches(5, 4, seed=3, start_step=0, total_steps=6, rank=r, world=2)) for r in range(2)]
+    for step in range(6):
+        merged = [None] * 4
+        merged[0::2], merged[1::2] = ranks[0][step], ranks[1][step]
+        assert merged == single[step]
+    # each epoch visits every image once; resuming at step 3 continues the same sequence
+    flat = [i for batch in single for i, _ in batch]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:10]) == list(range(5))
+    assert list(StepBatches(5, 4, seed=3, start_step=3, total_steps=6)) == single[3:]
+
+
+def _losses(out: Path, key: str) -> list[float]:
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+@pytest.fixture(scope="module")
+def perceptual_weights(tmp_path_factory) -> tuple[Path, Path]:
+    from gpstoken.perceptual import LPIPS, InceptionFeatures
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    lp, inc = LPIPS(), InceptionFeatures()
+    with torch.no_grad():
+        for lin in lp.lins:
+            lin.weight.uniform_(0, 0.1)
+        for m in inc.modules():  # variance-preserving init, so random features neither vanish nor explode
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    save_file({k: v.contiguous() for k, v in lp.state_dict().items()}, str(folder / "lpips.safetensors"))
+    torch.save(inc.state_dict(), folder / "inception.pth")
+    return folder / "lpips.safetensors", folder / "inception.pth"
+
+
+@pytest.mark.parametrize("stage", ["reconstruction", "perceptual", "adversarial"])
+def test_tiny_model_overfits_one_photo(tmp_path, stage, perceptual_weights):
+    one = tmp_path / "one"
+    one.mkdir()
+    Image.fromarray(center_crop_resize(bundled_photo("chelsea"), 64)).save(one / "cat.png")
+    args = ["--data", one, "--batch", "1", "--lr", "2e-3", "--betas", "0.9", "0.99", "--no-flip", "--ckpt-every", "1000"]
+    if stage == "reconstruction":
+        args += ["--steps", "40", "--recipe", "paper"]
+    elif stage == "perceptual":
+        args += ["--steps", "25", "--lpips-weights", perceptual_weights[0], "--inception-weights", perceptual_weights[1]]
+    else:
+        args += ["--steps", "40", "--recipe", "paper", "--disc-start", "0"]
+    proc = run_train([*args, "--out", tmp_path / "run"])
+    l2 = _losses(tmp_path / "run", "loss/l2")
+    assert l2[-1] < l2[0] / 3, f"L2 only fell from {l2[0]:.4f} to {l2[-1]:.4f}"
+    if stage == "perceptual":
+        lp, inc = _losses(tmp_path / "run", "loss/lpips"), _losses(tmp_path / "run", "loss/inception")
+        assert len(lp) == 25 and lp[-1] < lp[0] and inc[-1] < inc[0]
+        assert "loss off" not in proc.stderr
+    if stage == "adversarial":
+        assert len(_losses(tmp_path / "run", "loss/disc")) == 20 and len(_losses(tmp_path / "run", "loss/gen")) == 20
+    if stage == "reconstruction":
+        assert "LPIPS and Inception-feature loss off" in proc.stderr
+
+
+def test_data_errors_are_clear(tmp_path, photos):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_train(["--data", empty, "--out", tmp_path / "r", "--steps", "1"], check=False)
+    assert proc.returncode == 2 and "no images found" in proc.stderr
+
+    proc = run_train(["--data", tmp_path / "nope", "--out", tmp_path / "r", "--steps", "1"], check=False)
+    assert proc.returncode == 2 and "no such folder" in proc.stderr
+
+    # corrupt files are skipped with a warning and counted; tiny images are upscaled and counted
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    Image.fromarray(center_crop_resize(bundled_photo("coffee"), 40)).save(mixed / "small.png")
+    Image.fromarray(center_crop_resize(bundled_photo("rocket"), 96)).save(mixed / "ok.png")
+    proc = run_train(["--data", mixed, "--out", tmp_path / "m", "--steps", "3", "--batch", "1", "--ckpt-every", "3"])
+    assert "skipped unreadable image" in proc.stderr and "broken.png" in proc.stderr
+    assert "upscaled" in proc.stderr
+
+    # resuming with a different setting that changes the batches is refused
+    proc = run_train(["--data", mixed, "--out", tmp_path / "m", "--steps", "4", "--batch", "2", "--resume"], check=False)
+    assert proc.returncode == 2 and "different batch" in proc.stderr
+    # starting over an existing run without --resume is refused (nothing is overwritten)
+    proc = run_train(["--data", mixed, "--out", tmp_path / "m", "--steps", "4", "--batch", "1"], check=False)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+
+
+def test_failing_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    import checkpointing
+
+    root = tmp_path / "ckpt"
+    checkpointing.save_checkpoint(root, 1, {"model": {"w": torch.ones(3)}}, {"step": 1})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "atomic_write_text", full_disk)  # state.json fails after the tensors
+    with pytest.raises(OSError, match="No space"):
+        checkpointing.save_checkpoint(root, 2, {"model": {"w": torch.zeros(3)}}, {"step": 2})
+    monkeypatch.undo()
+    done = checkpointing.completed_checkpoints(root)
+    assert [p.name for p in done] == ["step_00000001"] and not list(root.glob("*.tmp-*"))
+    parts, state = checkpointing.load_checkpoint(done[-1])
+    assert state["step"] == 1 and torch.equal(parts["model"]["w"], torch.ones(3))
+
+
+def test_help_explains():
+    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for flag in ("--data", "--resume", "--lpips-weights", "--disc-start", "--ema-decay", "torchrun"):
+        assert flag in proc.stdout
+
+
+def test_optimizer_state_round_trip():
+    from checkpointing import optimizer_from_tensors, optimizer_to_tensors
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.5, 0.9))
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
+    tensors, meta = optimizer_to_tensors(opt)
+    meta = json.loads(json.dumps(meta))  # what goes through state.json
+    other = torch.optim.Adam(model.parameters(), lr=1.0)
+    optimizer_from_tensors(other, tensors, meta)
+    a, b = opt.state_dict(), other.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for pid in a["state"]:
+        for key, value in a["state"][pid].items():
+            assert torch.equal(value, b["state"][pid][key])
+    assert np.isclose(other.param_groups[0]["lr"], 1e-3)

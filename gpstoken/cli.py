@@ -23,7 +23,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _cmd_demo(args: argparse.Namespace) -> None:
+def _cmd_fit(args: argparse.Namespace) -> None:
     from .fit import fit_gaussians
     from .viz import draw_gaussians, panels
 
@@ -55,12 +55,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         ],
         scale=2 if args.size <= 192 else 1,
     )
-    picture.save(out / "demo.png")
+    picture.save(out / "fit.png")
     np.savez(out / "gaussians.npz", initial=result.gaussians_init, optimized=result.gaussians)
     print(f"PSNR  grid placement (least-squares colours): {result.psnr_init:.2f} dB")
     print(f"PSNR  after optimizing through the splat op:  {result.psnr:.2f} dB")
     print(f"time  {result.seconds:.1f} s")
-    print(f"wrote {out / 'demo.png'} and {out / 'gaussians.npz'}")
+    print(f"wrote {out / 'fit.png'} and {out / 'gaussians.npz'}")
 
 
 def _box(text: str) -> tuple[int, int, int, int]:
@@ -206,6 +206,18 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"skipped {item}")
 
 
+def _reconstruct_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    parser.add_argument("image", nargs="?", type=Path, help="image file (default: a bundled photo)")
+    parser.add_argument("--photo", default="astronaut", help="skimage.data photo when no image is given (default astronaut)")
+    parser.add_argument("--model", type=Path, help="model folder (save_pretrained / convert-official); default: the shipped demo model")
+    parser.add_argument("--tokens", type=_positive_int, default=None, help="token count (default: the model's tokens per 256x256 tile, scaled by area)")
+    parser.add_argument("--size", type=int, default=256, help="resize short side + centre crop to this (0: keep the image size; default 256)")
+    parser.add_argument("--focus", type=_box, action="append", help="x0,y0,x1,y1 box that attracts tokens (repeatable)")
+    parser.add_argument("--focus-weight", type=float, default=200.0, help="priority per focused pixel (default 200)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--out", default=default_out, help=f"output folder (default ./{default_out})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpstoken",
@@ -215,7 +227,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="fit Gaussian tokens to a photo through the differentiable splat op and draw them",
+        help="reconstruct a bundled photo with the shipped demo model: pictures, PSNR/SSIM, latency",
+        description=(
+            "`gpstoken reconstruct` with its defaults: the small demo model shipped in the package encodes "
+            "scikit-image's astronaut (256x256) into 128 Gaussian tokens and decodes it. Writes OUT/input.png, "
+            "reconstruction.png, gaussians_init.png, gaussians.png, error.png, compare.png and tokens.safetensors. "
+            "See `gpstoken reconstruct --help` for every option."
+        ),
+    )
+    _reconstruct_arguments(demo, default_out="gpstoken_demo")
+    demo.set_defaults(run=_cmd_reconstruct)
+
+    fit = sub.add_parser(
+        "fit",
+        help="fit Gaussian tokens to a photo through the differentiable splat op and draw them (no model)",
         description=(
             "Place Gaussian tokens on a regular grid (official sigma = cell width / 3), solve their colours by "
             "least squares, then optimize every parameter (sigma, rho, mean, colour) through gpstoken.splat. "
@@ -223,14 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
             "and OUT/gaussians.npz. Uses a photo bundled with scikit-image unless --image is given."
         ),
     )
-    demo.add_argument("--image", type=Path, help="an image file to use instead of the bundled photo")
-    demo.add_argument("--photo", default="astronaut", help="name of a skimage.data photo (default: astronaut)")
-    demo.add_argument("--size", type=_positive_int, default=128, help="square working size in pixels (default 128)")
-    demo.add_argument("--tokens", type=_positive_int, default=256, help="number of tokens, rounded to a square (default 256)")
-    demo.add_argument("--steps", type=_positive_int, default=500, help="optimization steps (default 500)")
-    demo.add_argument("--support", type=float, default=3.0, help="support factor s of the splat (official: 3)")
-    demo.add_argument("--out", default="gpstoken_demo", help="output folder (default ./gpstoken_demo)")
-    demo.set_defaults(run=_cmd_demo)
+    fit.add_argument("--image", type=Path, help="an image file to use instead of the bundled photo")
+    fit.add_argument("--photo", default="astronaut", help="name of a skimage.data photo (default: astronaut)")
+    fit.add_argument("--size", type=_positive_int, default=128, help="square working size in pixels (default 128)")
+    fit.add_argument("--tokens", type=_positive_int, default=256, help="number of tokens, rounded to a square (default 256)")
+    fit.add_argument("--steps", type=_positive_int, default=500, help="optimization steps (default 500)")
+    fit.add_argument("--support", type=float, default=3.0, help="support factor s of the splat (official: 3)")
+    fit.add_argument("--out", default="gpstoken_fit", help="output folder (default ./gpstoken_fit)")
+    fit.set_defaults(run=_cmd_fit)
 
     part = sub.add_parser(
         "partition",
@@ -264,15 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Images larger than 256x256 are encoded per 256 tile (tokens scale with area)."
         ),
     )
-    rec.add_argument("image", nargs="?", type=Path, help="image file (default: a bundled photo)")
-    rec.add_argument("--photo", default="astronaut", help="skimage.data photo when no image is given")
-    rec.add_argument("--model", type=Path, help="model folder (save_pretrained / convert-official); default: the shipped demo model")
-    rec.add_argument("--tokens", type=_positive_int, default=None, help="token count (default: the model's tokens per 256x256 tile, scaled by area)")
-    rec.add_argument("--size", type=int, default=256, help="resize short side + centre crop to this (0: keep the image size; default 256)")
-    rec.add_argument("--focus", type=_box, action="append", help="x0,y0,x1,y1 box that attracts tokens (repeatable)")
-    rec.add_argument("--focus-weight", type=float, default=200.0, help="priority per focused pixel (default 200)")
-    rec.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    rec.add_argument("--out", default="gpstoken_reconstruct", help="output folder (default ./gpstoken_reconstruct)")
+    _reconstruct_arguments(rec, default_out="gpstoken_reconstruct")
     rec.set_defaults(run=_cmd_reconstruct)
 
     ev = sub.add_parser(
@@ -304,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     conv.add_argument("checkpoint", type=Path, help="official .safetensors file")
-    conv.add_argument("--config", required=True, choices=["s64", "m128", "l256"], help="which official model it is")
+    conv.add_argument("--config", required=True, choices=["s64", "m128", "l256", "tiny"], help="which official model it is (tiny: an official-layout file of our small config)")
     conv.add_argument("--out", required=True, type=Path, help="output model folder")
     conv.set_defaults(run=_cmd_convert_official)
     return parser

@@ -58,7 +58,10 @@ def read_image(name: str) -> np.ndarray:
             return np.ascontiguousarray(skimage.data.stereo_motorcycle()[photo == "motorcycle_right"])
         return bundled_photo(photo)
     if name.startswith("sklearn:"):
-        from sklearn.datasets import load_sample_image
+        try:
+            from sklearn.datasets import load_sample_image
+        except ImportError:
+            raise DataError("sklearn: photos need scikit-learn (pip install scikit-learn)") from None
 
         return np.ascontiguousarray(load_sample_image(name[len("sklearn:") :] + ".jpg"))
     return load_image(name)

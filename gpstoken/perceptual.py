@@ -278,7 +278,7 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
         raise ValueError("FID needs at least 2 images per set")
     mu_a, mu_b = a.mean(0), b.mean(0)
     ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(ca @ cb, disp=False)
+    covmean = linalg.sqrtm(ca @ cb)
     if not np.isfinite(covmean).all():  # near-singular: regularize as pytorch-fid does
         offset = np.eye(ca.shape[0]) * 1e-6
         covmean = linalg.sqrtm((ca + offset) @ (cb + offset))

@@ -1,4 +1,4 @@
-"""The demo command, image loading and the ellipse drawing."""
+"""The fit command, image loading and the ellipse drawing."""
 
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ def run_cli(*args, cwd):
     )
 
 
-def test_demo_writes_picture_and_improves_psnr(tmp_path):
-    result = run_cli("demo", "--size", "64", "--tokens", "64", "--steps", "60", "--out", str(tmp_path / "o"), cwd=tmp_path)
+def test_fit_writes_picture_and_improves_psnr(tmp_path):
+    result = run_cli("fit", "--size", "64", "--tokens", "64", "--steps", "60", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if "dB" in line}
     before = float(lines["PSNR  grid placement (least-squares colours)"].split()[-2])
     after = float(lines["PSNR  after optimizing through the splat op"].split()[-2])
     assert after > before + 1.0, result.stdout
-    picture = Image.open(tmp_path / "o" / "demo.png")
+    picture = Image.open(tmp_path / "o" / "fit.png")
     assert picture.width > 5 * 64 and picture.height > 64
     saved = np.load(tmp_path / "o" / "gaussians.npz")
     assert saved["optimized"].shape == (64, 5) and np.all(saved["optimized"][:, :2] > 0)
@@ -37,21 +37,21 @@ def test_demo_writes_picture_and_improves_psnr(tmp_path):
     "content, message",
     [(None, "no such file"), (b"not an image at all", "not an image file"), ("truncated", "corrupt or truncated")],
 )
-def test_demo_bad_image_is_one_line_error(tmp_path, content, message):
+def test_fit_bad_image_is_one_line_error(tmp_path, content, message):
     path = tmp_path / "in.png"
     if content == "truncated":
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
         path.write_bytes(path.read_bytes()[:200])
     elif content is not None:
         path.write_bytes(content)
-    result = run_cli("demo", "--image", str(path), "--steps", "1", cwd=tmp_path)
+    result = run_cli("fit", "--image", str(path), "--steps", "1", cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_help_explains_the_demo(tmp_path):
-    result = run_cli("demo", "--help", cwd=tmp_path)
+def test_help_explains_fit(tmp_path):
+    result = run_cli("fit", "--help", cwd=tmp_path)
     assert result.returncode == 0 and "--tokens" in result.stdout and "splat" in result.stdout
 
 

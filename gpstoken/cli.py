@@ -71,16 +71,22 @@ def _box(text: str) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
-def _cmd_partition(args: argparse.Namespace) -> None:
-    from .partition import partition, priority_from_boxes, priority_from_mask
-    from .viz import draw_gaussians
-
+def _input_image(args: argparse.Namespace) -> tuple[np.ndarray, str]:
+    """The image file or bundled photo the command works on, resized + centre-cropped to --size if > 0."""
     if args.image is not None:
         image, source = load_image(args.image), str(args.image)
     else:
         image, source = bundled_photo(args.photo), f"skimage.data.{args.photo}"
     if args.size:
         image = center_crop_resize(image, args.size)
+    return image, source
+
+
+def _cmd_partition(args: argparse.Namespace) -> None:
+    from .partition import partition, priority_from_boxes, priority_from_mask
+    from .viz import draw_gaussians
+
+    image, source = _input_image(args)
     h, w = image.shape[:2]
     priority = None
     if args.focus:
@@ -131,12 +137,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
     from .tokenizer import to_uint8
     from .viz import draw_gaussians, error_map, panels
 
-    if args.image is not None:
-        image, source = load_image(args.image), str(args.image)
-    else:
-        image, source = bundled_photo(args.photo), f"skimage.data.{args.photo}"
-    if args.size:
-        image = center_crop_resize(image, args.size)
+    image, source = _input_image(args)
     model, model_path = _load_model(args.model, args.device)
     h, w = image.shape[:2]
     priority = priority_from_boxes((h, w), args.focus, args.focus_weight) if args.focus else None

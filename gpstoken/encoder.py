@@ -77,7 +77,11 @@ def refine(g_init: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     eps = 1e-6  # keeps logit finite for user-supplied g_init on the boundary
     sigma = torch.sigmoid(torch.logit(g_init[..., :2], eps=eps) + delta[..., :2])
     rest = 2 * torch.sigmoid(torch.logit((1 + g_init[..., 2:5]) / 2, eps=eps) + delta[..., 2:5]) - 1
-    return torch.cat([sigma, rest], dim=-1)
+    # In float32 the sigmoids saturate to exactly 0 or 1 for large |logit|; a Gaussian needs sigma > 0 and
+    # |rho| < 1, so those two are kept inside by a hair (no effect on values that are not saturated).
+    sigma = sigma.clamp(min=1e-6)
+    rho = rest[..., :1].clamp(-1 + 1e-6, 1 - 1e-6)
+    return torch.cat([sigma, rho, rest[..., 1:]], dim=-1)
 
 
 class GaussianEncoder(nn.Module):

@@ -47,7 +47,7 @@ def roi_align(
     if sampling_ratio > 0:
         grid_counts = torch.full_like(bin_size, sampling_ratio, dtype=torch.long)
     else:
-        grid_counts = torch.ceil(bin_size).long()  # 0 for an empty box: its output is 0
+        grid_counts = torch.ceil(bin_size).long().clamp(min=0)  # 0 for an empty or inverted box: output 0
 
     out = features.new_zeros(b, n, c, s, s)
     if n == 0:

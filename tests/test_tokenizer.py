@@ -339,8 +339,9 @@ def test_per_tile_decoding_stitches_independent_tiles(photo256):
         tokens = model.encode(image)
         out = model.decode(tokens)
         sel = (tokens.tile_ids == 1).nonzero().squeeze(1)
-        tile1 = model.decode(Tokens(g=tokens.g[:, sel], f=tokens.f[:, sel], image_size=(256, 256)))
-    torch.testing.assert_close(out[:, :, :256, 256:], tile1)
+        # tile 1 (top right) on its own: dense reference splat at 64x64, then the CNN
+        tile1 = model.decoder(gpstoken.splat_reference(tokens.g[:, sel], tokens.f[:, sel], (64, 64)))
+    torch.testing.assert_close(out[:, :, :256, 256:], tile1, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("size", [(256, 320), (200, 300), (96, 128)])
@@ -472,6 +473,36 @@ def test_failed_save_keeps_the_old_files(tiny_model, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- official converter
 
 
+def _ours_to_official(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "decoder" and parts[1] == "stages":  # our stage i is the official level 2 - i
+        level = 2 - int(parts[2])
+        rest = ".".join(parts[3:]).replace("blocks.", "block.").replace("shortcut", "nin_shortcut")
+        return f"decoder.up.{level}.{rest}"
+    for ours, theirs in [
+        ("encoder.stem.conv_in.", "preprocess_img.0."),
+        ("encoder.stem.blocks.0.", "preprocess_img.1."),
+        ("encoder.stem.blocks.1.", "preprocess_img.2."),
+        ("encoder.roi_proj.", "roialign_layer."),
+        ("encoder.query_base", "gps_embed.weight"),
+        ("encoder.query_mlp.", "gps_embed_layer."),
+        ("encoder.to_delta.", "to_gps.0."),
+        ("encoder.to_texture.", "to_gps.1."),
+        ("encoder.blocks.", "attnblocks."),
+        (".roi_pool.", ".roimlp."),
+        (".norm_attn.", ".ln1."),
+        (".attn.qkv.weight", ".attn1.in_proj_weight"),
+        (".attn.qkv.bias", ".attn1.in_proj_bias"),
+        (".attn.proj.", ".attn1.out_proj."),
+        (".norm_mlp.", ".ln2."),
+        ("decoder.mid_block1.", "decoder.mid.block_1."),
+        ("decoder.mid_block2.", "decoder.mid.block_2."),
+        ("decoder.mid_attn.", "decoder.mid.attn_1."),
+    ]:
+        name = name.replace(ours, theirs)
+    return name
+
+
 def test_converter_loads_an_official_layout_strictly(photo256):
     cfg = preset("tiny")
     official = official_state_dict(cfg)
@@ -483,6 +514,10 @@ def test_converter_loads_an_official_layout_strictly(photo256):
     assert torch.equal(sd["decoder.stages.0.upsample.conv.weight"], official["decoder.up.2.upsample.conv.weight"])
     assert torch.equal(sd["decoder.stages.2.blocks.0.shortcut.weight"], official["decoder.up.0.block.0.nin_shortcut.weight"])
     assert torch.equal(sd["encoder.query_base"], official["gps_embed.weight"])
+    # every tensor, through an independent renaming (plain string replacements, not the converter's rules)
+    for ours, tensor in converted.items():
+        assert torch.equal(tensor, official[_ours_to_official(ours)]), ours
+    assert len(converted) == len(official) - 2 * cfg.encoder.stem_blocks  # all but the unused temb_proj
     # an EMA-wrapper file converts to the same weights (the ema_model copy is used)
     wrapped = {**{f"ema_model.{k}": v for k, v in official.items()}, **{f"online_model.{k}": v * 0 for k, v in official.items()}}
     wrapped["step"] = torch.tensor(5)
@@ -511,3 +546,10 @@ def test_official_checkpoint_in_from_pretrained_gets_a_hint(tmp_path):
     save_file(official_state_dict(preset("tiny")), str(tmp_path / "gpstoken_tiny.safetensors"))
     with pytest.raises(CheckpointError, match="convert-official"):
         GPSTokenizer.from_pretrained(tmp_path / "gpstoken_tiny.safetensors")
+
+
+def test_refinement_stays_a_valid_gaussian_when_saturated():
+    g0 = torch.tensor([[[0.5, 0.5, 0.0, 0.0, 0.0]]])
+    for big in (60.0, -200.0):
+        g = refine(g0, torch.full((1, 1, 5), big))
+        assert (g[..., :2] > 0).all() and (g[..., 2].abs() < 1).all() and torch.isfinite(g).all()

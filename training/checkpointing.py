@@ -76,10 +76,14 @@ def save_checkpoint(
                 on_part_written()
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
         _fsync_dir(tmp)
-        if final.exists():  # an older run's checkpoint at the same step (re-run after a resume)
-            shutil.rmtree(final)
+        stale = None
+        if final.exists():  # an older checkpoint of the same step: moved aside, removed once replaced
+            stale = final.with_name(final.name + f".tmp-old-{os.getpid()}")
+            os.replace(final, stale)
         os.replace(tmp, final)
         _fsync_dir(root)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -50,8 +50,10 @@ class TokenizerDataset(torch.utils.data.Dataset):
     replaced by the next readable one (deterministically) and counted in ``bad`` of the sample.
     """
 
-    def __init__(self, files: list[str], size: int, tokens: int, lam: float, min_region: int, flip: bool, scale_jitter: float):
-        self.files, self.size, self.tokens = files, size, tokens
+    def __init__(
+        self, files: list[str], size: int, tokens: int, lam: float, min_region: int, flip: bool, scale_jitter: float, tile: int = 256
+    ):
+        self.files, self.size, self.tokens, self.tile = files, size, tokens, tile
         self.lam, self.min_region, self.flip, self.scale_jitter = lam, min_region, flip, scale_jitter
 
     def __len__(self) -> int:
@@ -72,7 +74,7 @@ class TokenizerDataset(torch.utils.data.Dataset):
         small = min(image.shape[:2]) < self.size
         rng = random.Random(seed)
         crop = augment(image, self.size, rng, self.flip, self.scale_jitter)
-        part = partition(crop, self.tokens, lam=self.lam, min_size=self.min_region, threads=1)
+        part = partition(crop, self.tokens, lam=self.lam, min_size=self.min_region, tile=self.tile, threads=1)
         x = torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 127.5 - 1
         return {
             "image": x,

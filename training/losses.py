@@ -37,8 +37,13 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
     return 0.5 * (F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean())
 
 
-def adaptive_weight(rec_loss: torch.Tensor, gen_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
-    """||d rec / d W|| / (||d gen / d W|| + 1e-4), clamped to [0, max_weight], no gradient."""
+def adaptive_weight(rec_loss, gen_loss, last_layer, max_weight: float = 1e4, average=None) -> torch.Tensor:
+    """||d rec / d W|| / (||d gen / d W|| + 1e-4), clamped to [0, max_weight], no gradient.
+
+    ``average``: averages a tensor over processes (DDP), so every rank uses the weight of the global batch.
+    """
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     gen_grad = torch.autograd.grad(gen_loss, last_layer, retain_graph=True)[0]
+    if average is not None:
+        rec_grad, gen_grad = average(rec_grad), average(gen_grad)
     return (rec_grad.norm() / (gen_grad.norm() + 1e-4)).clamp(0.0, max_weight).detach()

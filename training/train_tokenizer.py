@@ -161,6 +161,18 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def autoencoder_steps(cfg: TrainConfig, step: int) -> int:
+    """Autoencoder updates before ``step``: all steps until disc_start, then every other one. The EMA decay
+    ramp counts these, as the official EMA (updated after autoencoder steps only) does."""
+    return step if step <= cfg.disc_start else cfg.disc_start + (step - cfg.disc_start + 1) // 2
+
+
+def _all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
 
@@ -192,6 +204,11 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> int:
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg).to(device)
+    if cfg.size > model.config.tile:
+        raise DataError(
+            f"--size {cfg.size} is larger than the model's tile ({model.config.tile}): training crops are single "
+            "tiles (larger images are handled tile by tile at inference)"
+        )
     tokens = cfg.tokens or model.config.tokens_per_tile
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas)
@@ -212,7 +229,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> int:
         if off:
             log.info(f"note: {' and '.join(off)} loss off (no local weights given: --lpips-weights / --inception-weights)")
 
-    start = 0
+    start, bad_total, small_total = 0, 0, 0
     if cfg.resume:
         if main_rank:
             for p in cleanup_partial(ckpt_root):
@@ -220,7 +237,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> int:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
             raise CheckpointError(f"--resume: no checkpoint in {ckpt_root}")
-        start = restore(ckpt, cfg, model, ema, opt, disc, disc_opt)
+        start, bad_total, small_total = restore(ckpt, cfg, model, ema, opt, disc, disc_opt)
         if main_rank:
             log.info(f"resumed from {ckpt} (step {start})")
     elif latest_checkpoint(ckpt_root) is not None:
@@ -228,7 +245,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> int:
 
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ddp_disc = torch.nn.parallel.DistributedDataParallel(disc) if world > 1 else disc
-    dataset = TokenizerDataset(files, cfg.size, tokens, model.config.lam, model.config.min_region, cfg.flip, cfg.scale_jitter)
+    mc = model.config
+    dataset = TokenizerDataset(files, cfg.size, tokens, mc.lam, mc.min_region, cfg.flip, cfg.scale_jitter, tile=mc.tile)
     sampler = StepBatches(len(files), cfg.batch, cfg.seed, start, cfg.steps, rank, world)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate, persistent_workers=False,
@@ -245,7 +263,6 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> int:
             f"global batch {cfg.batch} on {world} process(es) [{device}], steps {start}..{cfg.steps}"
         )
 
-    bad_total, small_total = 0, 0
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not main_rank, unit="step", dynamic_ncols=True, mininterval=2)
@@ -266,7 +283,9 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> int:
         if disc_turn:
             with torch.no_grad():
                 recon, _, _ = ddp_model(x, g_init, boxes)
-            d_loss = hinge_d_loss(ddp_disc(x), ddp_disc(recon.detach()))
+            # one forward for real and fake: two DDP forwards before a backward would clash over BatchNorm buffers
+            real_logits, fake_logits = ddp_disc(torch.cat([x, recon.detach()])).chunk(2)
+            d_loss = hinge_d_loss(real_logits, fake_logits)
             disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             disc_opt.step()
@@ -288,7 +307,8 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> int:
             loss = rec
             if gan_on:
                 gen = -ddp_disc(recon).mean()
-                w = adaptive_weight(rec, gen, model.decoder.conv_out.weight) * cfg.disc_weight
+                w = adaptive_weight(rec, gen, model.decoder.conv_out.weight, average=_all_reduce_mean if world > 1 else None)
+                w = w * cfg.disc_weight
                 loss = loss + w * gen
                 stats |= {"loss/gen": gen.item(), "gan_weight": w.item()}
             opt.zero_grad(set_to_none=True)
@@ -296,7 +316,7 @@ def train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> int:
             if cfg.grad_clip > 0:
                 stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
             opt.step()
-            ema.update(model, step)
+            ema.update(model, autoencoder_steps(cfg, step))
             stats["loss/total"] = loss.item()
         step += 1
         bar.update(1)
@@ -379,7 +399,7 @@ def write_checkpoint(root, step, cfg, model, ema, opt, disc, disc_opt, bad, smal
         ) from None
 
 
-def restore(path: Path, cfg: TrainConfig, model, ema, opt, disc, disc_opt) -> int:
+def restore(path: Path, cfg: TrainConfig, model, ema, opt, disc, disc_opt) -> tuple[int, int, int]:
     parts, state = load_checkpoint(path)
     saved = state["train_config"]
     changed = [k for k in TrainConfig.FIXED_ON_RESUME if saved.get(k) != dataclasses.asdict(cfg).get(k)]
@@ -396,7 +416,7 @@ def restore(path: Path, cfg: TrainConfig, model, ema, opt, disc, disc_opt) -> in
     optimizer_from_tensors(opt, parts["optimizer"], state["optimizer"])
     optimizer_from_tensors(disc_opt, parts["disc_optimizer"], state["disc_optimizer"])
     torch.set_rng_state(parts["rng"]["torch"])
-    return int(state["step"])
+    return int(state["step"]), int(state.get("skipped_images", 0)), int(state.get("upscaled_samples", 0))
 
 
 def make_writer(path: Path):

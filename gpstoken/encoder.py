@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import TokenizerConfig
 from .layers import ResBlock
-from .roi_align import roi_align
+from .roi_align import RoiAlignForExport, roi_align
 
 GAUSSIAN_PARAMS = 5  # sigma_x, sigma_y, rho, mu_x, mu_y
 
@@ -105,7 +105,11 @@ class GaussianEncoder(nn.Module):
     def region_features(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """(B, L, width, roi_size^2): projected RoIAlign samples of each token's region."""
         b, n = boxes.shape[:2]
-        pooled = roi_align(self.stem(image), boxes, self.roi_size, self.roi_sampling_ratio, aligned=True)
+        features = self.stem(image)
+        if torch.jit.is_tracing():  # ONNX export: one standard RoiAlign node
+            pooled = RoiAlignForExport.apply(features, boxes, self.roi_size, self.roi_sampling_ratio)
+        else:
+            pooled = roi_align(features, boxes, self.roi_size, self.roi_sampling_ratio, aligned=True)
         projected = self.roi_proj(pooled.flatten(0, 1))  # (B*L, width, s, s)
         return projected.reshape(b, n, projected.shape[1], -1)
 

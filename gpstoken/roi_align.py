@@ -92,3 +92,32 @@ def _pool_group(features, start, bin_size, member, s, gx, gy):
     sampled = sampled.reshape(b, c, slots, s * gy, s * gx).permute(0, 2, 1, 3, 4)[bi, si]  # (M, C, s*gy, s*gx)
     sampled = sampled * valid[:, None].to(dtype)
     return sampled.reshape(-1, c, s, gy, s, gx).mean(dim=(3, 5))  # (M, C, s, s)
+
+
+class RoiAlignForExport(torch.autograd.Function):
+    """``roi_align`` (aligned, adaptive sampling) that the TorchScript ONNX exporter writes as the standard
+    ``RoiAlign`` node (opset >= 16, ``half_pixel``, ``sampling_ratio`` 0 = adaptive, average pooling)."""
+
+    @staticmethod
+    def forward(ctx, features, boxes, output_size: int, sampling_ratio: int):
+        return roi_align(features, boxes, output_size, sampling_ratio, aligned=True)
+
+    @staticmethod
+    def symbolic(g, features, boxes, output_size: int, sampling_ratio: int):
+        shape = g.op("Shape", boxes)
+        zero, one, two = (g.op("Constant", value_t=torch.tensor([v])) for v in (0, 1, 2))
+        batch = g.op("Slice", shape, zero, one)
+        count = g.op("Slice", shape, one, two)
+        rois = g.op("Reshape", boxes, g.op("Constant", value_t=torch.tensor([-1, 4])))
+        # batch index of every box: range(B) repeated L times
+        index = g.op("Range", g.op("Constant", value_t=torch.tensor(0)), g.op("Squeeze", batch), g.op("Constant", value_t=torch.tensor(1)))
+        index = g.op("Expand", g.op("Unsqueeze", index, one), g.op("Concat", batch, count, axis_i=0))
+        index = g.op("Reshape", index, g.op("Constant", value_t=torch.tensor([-1])))
+        pooled = g.op(
+            "RoiAlign", features, rois, index,
+            coordinate_transformation_mode_s="half_pixel", mode_s="avg", output_height_i=output_size,
+            output_width_i=output_size, sampling_ratio_i=max(sampling_ratio, 0), spatial_scale_f=1.0,
+        )  # fmt: skip
+        # (B*L, C, s, s) -> (B, L, C, s, s)
+        tail = g.op("Slice", g.op("Shape", pooled), one, g.op("Constant", value_t=torch.tensor([4])))
+        return g.op("Reshape", pooled, g.op("Concat", batch, count, tail, axis_i=0))

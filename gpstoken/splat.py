@@ -47,7 +47,7 @@ def splat(
     height, width = _check_size(size)
     support = _check_support(support)
     _check_shapes(gaussians, features)
-    if check and not torch.compiler.is_compiling():
+    if check and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
         _check_values(gaussians, features)
     if gaussians.dtype in _UPCAST_DTYPES:
         out = torch.ops.gpstoken.gaussian_splat(gaussians.float(), features.float(), height, width, support)

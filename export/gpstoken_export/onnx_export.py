@@ -1,0 +1,123 @@
+"""torch -> ONNX for the tokenizer graphs, with the splat as one ``gpstoken::GaussianSplat`` node."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+import torch.nn as nn
+
+from gpstoken.tokenizer import GPSTokenizer
+
+from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function
+
+_registered = False
+
+
+def register_splat_symbolic() -> None:
+    """Teach the TorchScript exporter to emit the bare GaussianSplat node for ``gpstoken::gaussian_splat``."""
+    global _registered
+    if _registered:
+        return
+    from torch.onnx import symbolic_helper
+
+    def splat_symbolic(g, gaussians, features, height, width, support):
+        h = symbolic_helper._get_const(height, "i", "height")
+        w = symbolic_helper._get_const(width, "i", "width")
+        s = symbolic_helper._get_const(support, "f", "support")
+        return g.op(f"{DOMAIN}::{OP_TYPE}", gaussians, features, height_i=h, width_i=w, support_f=s)
+
+    torch.onnx.register_custom_op_symbolic("gpstoken::gaussian_splat", splat_symbolic, ONNX_OPSET)
+    _registered = True
+
+
+class DecoderGraph(nn.Module):
+    """(g (B, L, 5), f (B, L, C)) -> image (B, 3, H, W) for one tile of a fixed size."""
+
+    def __init__(self, model: GPSTokenizer, image_size: tuple[int, int]):
+        super().__init__()
+        self.model, self.image_size = model, tuple(image_size)
+
+    def forward(self, g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        return self.model.decode_single(g, f, self.image_size)
+
+
+def finish(path: Path) -> onnx.ModelProto:
+    """Attach the splat function, infer shapes, check, save."""
+    model = onnx.load(str(path))
+    add_splat_function(model)
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return model
+
+
+def export_decoder(model: GPSTokenizer, path: str | Path, image_size=(256, 256), tokens: int = 128) -> onnx.ModelProto:
+    register_splat_symbolic()
+    path = Path(path)
+    model = model.eval()
+    g = torch.rand(1, tokens, 5) * torch.tensor([0.1, 0.1, 0.0, 1.6, 1.6]) + torch.tensor([0.02, 0.02, 0.0, -0.8, -0.8])
+    f = torch.randn(1, tokens, model.config.feature_channels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            DecoderGraph(model, image_size),
+            (g, f),
+            str(path),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["g", "f"],
+            output_names=["image"],
+            dynamic_axes={"g": {0: "batch", 1: "tokens"}, "f": {0: "batch", 1: "tokens"}, "image": {0: "batch"}},
+            custom_opsets={DOMAIN: DOMAIN_VERSION},
+        )
+    return finish(path)
+
+
+class EncoderGraph(nn.Module):
+    """(image (B, 3, H, W) in [-1, 1], g_init (B, L, 5), boxes (B, L, 4) inclusive pixels) -> (g, f)."""
+
+    def __init__(self, model: GPSTokenizer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, g_init: torch.Tensor, boxes: torch.Tensor):
+        return self.model.encoder(image, g_init, boxes)
+
+
+def export_encoder(model: GPSTokenizer, path: str | Path, image_size=(256, 256), tokens: int = 128) -> onnx.ModelProto:
+    import numpy as np
+
+    from gpstoken.imageio import bundled_photo, center_crop_resize
+
+    path = Path(path)
+    model = model.eval()
+    photo = center_crop_resize(bundled_photo("astronaut"), max(image_size))[: image_size[0], : image_size[1]]
+    x, rgb = model.prepare(np.ascontiguousarray(photo))
+    part = model.partition(rgb, tokens)[0]
+    g_init = torch.from_numpy(part.g_init)[None]
+    boxes = torch.from_numpy(part.boxes.astype(np.float32))[None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            EncoderGraph(model),
+            (x, g_init, boxes),
+            str(path),
+            dynamo=False,
+            opset_version=ONNX_OPSET,
+            input_names=["image", "g_init", "boxes"],
+            output_names=["g", "f"],
+            dynamic_axes={
+                "image": {0: "batch"},
+                "g_init": {0: "batch", 1: "tokens"},
+                "boxes": {0: "batch", 1: "tokens"},
+                "g": {0: "batch", 1: "tokens"},
+                "f": {0: "batch", 1: "tokens"},
+            },
+        )
+    model_proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    onnx.checker.check_model(model_proto, full_check=True)
+    onnx.save(model_proto, str(path))
+    return model_proto

@@ -1,0 +1,115 @@
+"""The ``GaussianSplat`` ONNX node and the model-local function that lets plain ONNX Runtime run it.
+
+The exported graph holds one node per splat, ``gpstoken::GaussianSplat(gaussians, features)`` with the
+attributes ``height``, ``width`` (INT) and ``support`` (FLOAT): the node the TensorRT plugin and the ONNX
+Runtime custom-op library implement. The model also carries a FunctionProto of the same domain and
+name whose body computes the splat densely with standard ops (ORT inlines model-local functions), so
+the file runs in ORT with no extra library. TensorRT's parser looks up local functions before plugins,
+so the engine builder removes the function first (``drop_splat_function``).
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import AttributeProto, TensorProto, helper
+
+DOMAIN = "gpstoken"
+OP_TYPE = "GaussianSplat"
+DOMAIN_VERSION = 1
+ONNX_OPSET = 18  # the exported models' ai.onnx opset; the function body must use the same
+
+
+def _ref(name: str, value_attr: str, attr_type, ref: str) -> onnx.NodeProto:
+    node = helper.make_node("Constant", [], [name])
+    node.attribute.append(helper.make_attribute_ref(value_attr, attr_type, ref_attr_name=ref))
+    return node
+
+
+def _const(name: str, value: float) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name + "_v", TensorProto.FLOAT, [], [value]))
+
+
+def splat_function() -> onnx.FunctionProto:
+    """Dense GaussianSplat: R[b, c, y, x] = sum_l G_l(x, y) f_l[c], G cut to |d| <= support * sigma.
+
+    Works for float32 and float16 inputs (constants are cast like the inputs). Memory is O(B L H W).
+    """
+    n = helper.make_node
+    nodes = [
+        _ref("H", "value_int", AttributeProto.INT, "height"),
+        _ref("W", "value_int", AttributeProto.INT, "width"),
+        _ref("s_f32", "value_float", AttributeProto.FLOAT, "support"),
+        _const("zero_f32", 0.0), _const("one_f32", 1.0), _const("two_f32", 2.0),
+        n("Constant", [], ["zero_i"], value=helper.make_tensor("zi", TensorProto.INT64, [], [0])),
+        n("Constant", [], ["one_i"], value=helper.make_tensor("oi", TensorProto.INT64, [], [1])),
+        n("CastLike", ["s_f32", "gaussians"], ["s"]),
+        n("CastLike", ["zero_f32", "gaussians"], ["zero"]),
+        n("CastLike", ["one_f32", "gaussians"], ["one"]),
+        n("CastLike", ["two_f32", "gaussians"], ["two"]),
+        # pixel centres: i -> 2 i / (n - 1) - 1
+        n("Range", ["zero_i", "W", "one_i"], ["xi"]),
+        n("Range", ["zero_i", "H", "one_i"], ["yi"]),
+        n("CastLike", ["xi", "gaussians"], ["xf"]),
+        n("CastLike", ["yi", "gaussians"], ["yf"]),
+        n("CastLike", ["W", "gaussians"], ["Wf"]),
+        n("CastLike", ["H", "gaussians"], ["Hf"]),
+        n("Sub", ["Wf", "one"], ["Wm1"]),
+        n("Sub", ["Hf", "one"], ["Hm1"]),
+        n("Mul", ["xf", "two"], ["x2"]), n("Div", ["x2", "Wm1"], ["x3"]), n("Sub", ["x3", "one"], ["xs"]),
+        n("Mul", ["yf", "two"], ["y2"]), n("Div", ["y2", "Hm1"], ["y3"]), n("Sub", ["y3", "one"], ["ys"]),
+        n("Constant", [], ["shape_x"], value=helper.make_tensor("sx", TensorProto.INT64, [4], [1, 1, 1, -1])),
+        n("Constant", [], ["shape_y"], value=helper.make_tensor("sy", TensorProto.INT64, [4], [1, 1, -1, 1])),
+        n("Reshape", ["xs", "shape_x"], ["gx"]),
+        n("Reshape", ["ys", "shape_y"], ["gy"]),
+        # parameters as (B, L, 1, 1)
+        n("Constant", [], ["axis3"], value=helper.make_tensor("a3", TensorProto.INT64, [1], [3])),
+        n("Unsqueeze", ["gaussians", "axis3"], ["g4"]),
+        n("Split", ["g4"], ["sigma_x", "sigma_y", "rho", "mu_x", "mu_y"], axis=2, num_outputs=5),
+        n("Sub", ["gx", "mu_x"], ["dx"]),  # (B, L, 1, W)
+        n("Sub", ["gy", "mu_y"], ["dy"]),  # (B, L, H, 1)
+        n("Div", ["dx", "sigma_x"], ["a"]),
+        n("Div", ["dy", "sigma_y"], ["b"]),
+        n("Sub", ["one", "rho"], ["omr"]), n("Add", ["one", "rho"], ["opr"]), n("Mul", ["omr", "opr"], ["q"]),
+        n("Mul", ["a", "a"], ["aa"]), n("Mul", ["b", "b"], ["bb"]), n("Mul", ["a", "b"], ["ab"]),
+        n("Mul", ["two", "rho"], ["r2"]), n("Mul", ["r2", "ab"], ["rab"]),
+        n("Sub", ["aa", "rab"], ["t1"]), n("Add", ["t1", "bb"], ["t2"]),
+        n("Mul", ["two", "q"], ["q2"]), n("Div", ["t2", "q2"], ["z"]),
+        n("Neg", ["z"], ["nz"]), n("Exp", ["nz"], ["e"]),
+        n("Abs", ["dx"], ["adx"]), n("Abs", ["dy"], ["ady"]),
+        n("Mul", ["s", "sigma_x"], ["bx"]), n("Mul", ["s", "sigma_y"], ["by"]),
+        n("LessOrEqual", ["adx", "bx"], ["inx"]), n("LessOrEqual", ["ady", "by"], ["iny"]),
+        n("And", ["inx", "iny"], ["inside"]),
+        n("Where", ["inside", "e", "zero"], ["weight"]),  # (B, L, H, W)
+        n("Einsum", ["weight", "features"], ["rendered"], equation="blhw,blc->bchw"),
+    ]
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=["gaussians", "features"],
+        outputs=["rendered"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+        attributes=["height", "width", "support"],
+    )
+
+
+def add_splat_function(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Attach the function (once) so ONNX Runtime can run the GaussianSplat nodes; returns the model."""
+    drop_splat_function(model)
+    model.functions.append(splat_function())
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return model
+
+
+def drop_splat_function(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove the local function (the node stays): what the TensorRT builder parses, so that the node
+    reaches the plugin. Run shape inference before, so outputs keep their static shapes."""
+    keep = [f for f in model.functions if (f.domain, f.name) != (DOMAIN, OP_TYPE)]
+    del model.functions[:]
+    model.functions.extend(keep)
+    return model
+
+
+def splat_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [node for node in model.graph.node if (node.domain, node.op_type) == (DOMAIN, OP_TYPE)]

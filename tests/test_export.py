@@ -1,0 +1,112 @@
+"""ONNX export: the GaussianSplat node + model-local function, encoder and decoder graphs in ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from gpstoken_export.onnx_export import export_decoder, export_encoder
+from gpstoken_export.splat_function import DOMAIN, ONNX_OPSET, OP_TYPE, add_splat_function, drop_splat_function, splat_nodes
+from onnx import TensorProto, helper
+
+import gpstoken
+from gpstoken.imageio import bundled_photo, center_crop_resize
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _one_node_model(height, width, support, dtype=TensorProto.FLOAT) -> onnx.ModelProto:
+    node = helper.make_node(OP_TYPE, ["g", "f"], ["y"], domain=DOMAIN, height=height, width=width, support=support)
+    graph = helper.make_graph(
+        [node], "splat",
+        [helper.make_tensor_value_info("g", dtype, ["B", "L", 5]), helper.make_tensor_value_info("f", dtype, ["B", "L", "C"])],
+        [helper.make_tensor_value_info("y", dtype, ["B", "C", height, width])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, 1)])
+    return add_splat_function(model)
+
+
+def _random_tokens(b, n, c, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.rand(b, n, 5, generator=gen, dtype=torch.float64)
+    g[..., :2] = g[..., :2] * 0.3 + 0.01
+    g[..., 2] = g[..., 2] * 1.9 - 0.95
+    g[..., 3:] = g[..., 3:] * 2.6 - 1.3  # some centres off the image
+    return g, torch.randn(b, n, c, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3, 8, 8, 3.0), (2, 17, 4, 24, 40, 3.0), (3, 40, 16, 32, 32, 5.0)])
+def test_function_body_equals_the_reference_splat(shape):
+    b, n, c, h, w, s = shape
+    model = _one_node_model(h, w, s)
+    onnx.checker.check_model(model, full_check=True)
+    g, f = _random_tokens(b, n, c)
+    out = _session(model).run(None, {"g": g.float().numpy(), "f": f.float().numpy()})[0]
+    ref = gpstoken.splat_reference(g, f, (h, w), s).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dropping_the_function_leaves_the_bare_node():
+    model = onnx.shape_inference.infer_shapes(_one_node_model(16, 24, 3.0))
+    drop_splat_function(model)
+    assert not model.functions
+    onnx.checker.check_model(model, full_check=True)
+    (node,) = splat_nodes(model)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs == {"height": 16, "width": 24, "support": pytest.approx(3.0)}
+    standard = [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]
+    assert standard == [node]
+    with pytest.raises(Exception, match="GaussianSplat"):
+        _session(model)  # ORT needs the function (or the custom-op library)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = gpstoken.GPSTokenizer("tiny").eval()
+    with torch.no_grad():
+        m.encoder.to_delta.weight.normal_(0, 0.02)
+    return m
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return np.stack([center_crop_resize(bundled_photo(n), 256) for n in ("coffee", "chelsea", "rocket")])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decoder_onnx_matches_torch(model, photos, tmp_path_factory, batch):
+    path = tmp_path_factory.getbasetemp() / "decoder.onnx"
+    if not path.exists():
+        exported = export_decoder(model, path)
+        (node,) = splat_nodes(exported)
+        assert {a.name for a in node.attribute} == {"height", "width", "support"}
+    with torch.inference_mode():
+        tokens = model.encode(photos[:batch], 100)  # another token count than at export: L is dynamic
+        ref = model.decode(tokens).numpy()
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"g": tokens.g.numpy(), "f": tokens.f.numpy()})[0]
+    assert out.shape == (batch, 3, 256, 256)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_encoder_onnx_matches_torch(model, photos, tmp_path_factory, batch):
+    path = tmp_path_factory.getbasetemp() / "encoder.onnx"
+    if not path.exists():
+        exported = export_encoder(model, path)
+        assert "RoiAlign" in {n.op_type for n in exported.graph.node}
+    x, rgb = model.prepare(photos[:batch])
+    parts = model.partition(rgb, 100)
+    g0 = np.stack([p.g_init for p in parts])
+    boxes = np.stack([p.boxes for p in parts]).astype(np.float32)
+    with torch.inference_mode():
+        g, f = model.encoder(x, torch.from_numpy(g0), torch.from_numpy(boxes))
+    og, of = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x.numpy(), "g_init": g0, "boxes": boxes}
+    )
+    np.testing.assert_allclose(og, g.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(of, f.numpy(), rtol=1e-4, atol=1e-4 * np.abs(f.numpy()).max())

@@ -207,6 +207,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"skipped {item}")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    try:
+        from gpstoken_export.export import export_model
+    except ImportError as err:
+        raise ValueError(f"export needs onnx: pip install 'gpstoken[export]' ({err})") from None
+
+    model, model_path = _load_model(args.model, "cpu")
+    out = export_model(model, args.out, (args.size, args.size))
+    print(f"exported {model_path} ({model.config.name}) for {args.size}x{args.size} images -> {out}/ (encoder.onnx, decoder.onnx, manifest.json)")
+
+
 def _reconstruct_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("image", nargs="?", type=Path, help="image file (default: a bundled photo)")
     parser.add_argument("--photo", default="astronaut", help="skimage.data photo when no image is given (default astronaut)")
@@ -312,6 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ev.set_defaults(run=_cmd_eval)
 
+    exp = sub.add_parser(
+        "export",
+        help="export a model to ONNX (encoder.onnx, decoder.onnx with the GaussianSplat node, manifest.json)",
+        description=(
+            "Write OUT/encoder.onnx (one 256 tile: image, g_init, boxes -> g, f), OUT/decoder.onnx (g, f -> image "
+            "for --size images; the splat is one gpstoken::GaussianSplat node with a model-local function, so plain "
+            "ONNX Runtime runs it) and OUT/manifest.json (config, shapes, versions, file hashes). Batch and token "
+            "count are dynamic. The folder is written under a temporary name and renamed when complete."
+        ),
+    )
+    exp.add_argument("--model", type=Path, help="model folder; default: the shipped demo model")
+    exp.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    exp.add_argument("--size", type=_positive_int, default=256, help="image size the decoder is exported for (a multiple of 256; default 256)")
+    exp.set_defaults(run=_cmd_export)
+
     conv = sub.add_parser(
         "convert-official",
         help="convert an official GPSToken .safetensors checkpoint to a gpstoken model folder",
@@ -332,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (ImageError, CheckpointError, FileNotFoundError, ValueError) as err:
+    except (ImageError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"gpstoken {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

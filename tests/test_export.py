@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -110,3 +112,51 @@ def test_encoder_onnx_matches_torch(model, photos, tmp_path_factory, batch):
     )
     np.testing.assert_allclose(og, g.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(of, f.numpy(), rtol=1e-4, atol=1e-4 * np.abs(f.numpy()).max())
+
+
+def test_export_command_writes_a_complete_folder(tmp_path, photos):
+    import json
+    import subprocess
+    import sys
+
+    from gpstoken_export.export import sha256
+
+    result = subprocess.run(
+        [sys.executable, "-m", "gpstoken.cli", "export", "--out", str(tmp_path / "exp")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert manifest["custom_op"]["domain"] == "gpstoken" and manifest["decode_mode"] == "single"
+    for entry in manifest["files"].values():
+        assert sha256(tmp_path / "exp" / entry["path"]) == entry["sha256"]
+    assert manifest["files"]["decoder"]["outputs"]["image"]["shape"][1] == 3
+    # the exported shipped model reconstructs like the torch model
+    model = gpstoken.GPSTokenizer.from_pretrained(Path(gpstoken.__file__).parent / "weights" / "tiny")
+    with torch.inference_mode():
+        tokens = model.encode(photos[:1])
+        ref = model.decode(tokens).numpy()
+    dec = ort.InferenceSession(str(tmp_path / "exp" / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    out = dec.run(None, {"g": tokens.g.numpy(), "f": tokens.f.numpy()})[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # a second export into the same folder is refused, and leaves it untouched
+    again = subprocess.run(
+        [sys.executable, "-m", "gpstoken.cli", "export", "--out", str(tmp_path / "exp")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert again.returncode == 2 and "not empty" in again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
+
+
+def test_merged_high_resolution_decoder(model, tmp_path):
+    from gpstoken_export.onnx_export import export_decoder
+
+    image = center_crop_resize(bundled_photo("astronaut"), 512)
+    with torch.inference_mode():
+        tokens = model.encode(image)
+        ref = model.decode(tokens).numpy()
+    export_decoder(model, tmp_path / "d512.onnx", (512, 512), 512, grid=(2, 2))
+    out = ort.InferenceSession(str(tmp_path / "d512.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"g": tokens.image_g().numpy(), "f": tokens.f.numpy()}
+    )[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

@@ -34,14 +34,23 @@ def register_splat_symbolic() -> None:
 
 
 class DecoderGraph(nn.Module):
-    """(g (B, L, 5), f (B, L, C)) -> image (B, 3, H, W) for one tile of a fixed size."""
+    """(g (B, L, 5), f (B, L, C)) -> image (B, 3, H, W) for a fixed image size.
 
-    def __init__(self, model: GPSTokenizer, image_size: tuple[int, int]):
+    g is in whole-image coordinates; an image of several tiles is decoded as one map with per-tile
+    normalization statistics over ``grid`` (the official merged decoding of S64/M128).
+    """
+
+    def __init__(self, model: GPSTokenizer, image_size: tuple[int, int], grid: tuple[int, int] = (1, 1)):
         super().__init__()
-        self.model, self.image_size = model, tuple(image_size)
+        self.model, self.image_size, self.grid = model, tuple(image_size), tuple(grid)
 
     def forward(self, g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        return self.model.decode_single(g, f, self.image_size)
+        decoder = self.model.decoder
+        h, w = self.image_size
+        image = decoder(decoder.render(g, f, decoder.map_size(h, w)), self.grid)
+        if tuple(image.shape[-2:]) != (h, w):
+            image = torch.nn.functional.interpolate(image, size=(h, w), mode="bilinear", align_corners=False)
+        return image
 
 
 def finish(path: Path) -> onnx.ModelProto:
@@ -54,7 +63,9 @@ def finish(path: Path) -> onnx.ModelProto:
     return model
 
 
-def export_decoder(model: GPSTokenizer, path: str | Path, image_size=(256, 256), tokens: int = 128) -> onnx.ModelProto:
+def export_decoder(
+    model: GPSTokenizer, path: str | Path, image_size=(256, 256), tokens: int = 128, grid=(1, 1)
+) -> onnx.ModelProto:
     register_splat_symbolic()
     path = Path(path)
     model = model.eval()
@@ -63,7 +74,7 @@ def export_decoder(model: GPSTokenizer, path: str | Path, image_size=(256, 256),
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            DecoderGraph(model, image_size),
+            DecoderGraph(model, image_size, grid),
             (g, f),
             str(path),
             dynamo=False,

@@ -1,32 +1,34 @@
 """GPSToken: images as 2D Gaussian tokens (sigma_x, sigma_y, rho, mu_x, mu_y) plus texture features.
 
-The compiled operators live in ``gpstoken._C``; importing this package loads them.
+Importing the package is light: the partition (C++, numpy only) is loaded at once, torch and the
+compiled splat operators (``gpstoken._C``) on first use of ``splat`` or the tokenizer. So the slim
+runtime can use ``gpstoken.partition`` where torch is not installed.
 """
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (must come before the extension: it links against libtorch)
+import importlib
 
-from ._ext import load_extension
-
-load_extension()
-
-from .partition import Partition, calibrate, partition  # noqa: E402
-from .splat import splat, splat_reference  # noqa: E402
-from .config import TokenizerConfig  # noqa: E402
-from .tokenizer import GPSTokenizer, to_uint8  # noqa: E402
-from .tokens import Tokens  # noqa: E402
+from .partition import Partition, calibrate, partition
 
 __version__ = "0.1.0"
-__all__ = [
-    "GPSTokenizer",
-    "Partition",
-    "Tokens",
-    "TokenizerConfig",
-    "calibrate",
-    "partition",
-    "splat",
-    "splat_reference",
-    "to_uint8",
-    "__version__",
-]
+
+_LAZY = {
+    "splat": ".splat",
+    "splat_reference": ".splat",
+    "GPSTokenizer": ".tokenizer",
+    "to_uint8": ".tokenizer",
+    "Tokens": ".tokens",
+    "TokenizerConfig": ".config",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gpstoken' has no attribute {name!r}")
+
+
+__all__ = ["GPSTokenizer", "Partition", "Tokens", "TokenizerConfig", "calibrate", "partition", "splat", "splat_reference", "to_uint8", "__version__"]

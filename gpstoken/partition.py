@@ -46,6 +46,29 @@ class Partition:
         return _native.regions_to_gaussians(self.boxes, *self.image_size).astype(np.float32)
 
 
+def tile_to_image(g, tile_boxes, image_size: tuple[int, int], stack):
+    """Gaussians g (..., L, 5) in their tiles' coordinates -> whole-image coordinates.
+
+    ``tile_boxes`` (L, 4) holds each token's tile (x0, y0, x1, y1), inclusive pixels, as the same array type
+    as g (numpy or torch; ``stack`` is np.stack or torch.stack). A tile spanning x0..x1 of an image W wide
+    covers [-1 + 2 x0 / W, -1 + 2 (x1 + 1) / W]: for equal tiles this is the official token merging
+    (sigma / n, x' = -1 + (2 j + x + 1) / n).
+    """
+    h, w = image_size
+    x0, y0 = tile_boxes[:, 0], tile_boxes[:, 1]
+    sx, sy = (tile_boxes[:, 2] - x0 + 1) / w, (tile_boxes[:, 3] - y0 + 1) / h
+    return stack(
+        [
+            g[..., 0] * sx,
+            g[..., 1] * sy,
+            g[..., 2],
+            -1 + 2 * x0 / w + (g[..., 3] + 1) * sx,
+            -1 + 2 * y0 / h + (g[..., 4] + 1) * sy,
+        ],
+        -1,
+    )
+
+
 def tile_grid(height: int, width: int, tile: int = TILE) -> np.ndarray:
     """(T, 4) inclusive tile boxes, row-major. Sides that are not multiples of ``tile`` are cut into
     ceil(side / tile) nearly equal parts (no padding, no resizing), so boxes stay in image pixels."""

@@ -14,6 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
+from ._ext import load_extension
+
+load_extension()  # registers torch.ops.gpstoken.*
+
 # The op's name, declared once; export/ and the plugins use the same attribute names.
 OP_NAMESPACE = "gpstoken"
 OP_NAME = "gaussian_splat"

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .partition import tile_to_image
+
 Box = tuple[int, int, int, int]  # inclusive pixels (x0, y0, x1, y1)
 
 
@@ -59,29 +61,12 @@ class Tokens:
         return len({b[1] for b in boxes}), len({b[0] for b in boxes})
 
     def image_g(self, g: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, 5) Gaussians in whole-image coordinates.
-
-        A tile spanning pixels x0..x1 of an image W wide covers [-1 + 2 x0 / W, -1 + 2 (x1 + 1) / W]; for
-        equal tiles this is the official token merging (sigma / n, x' = -1 + (2 j + x + 1) / n).
-        """
+        """(B, L, 5) Gaussians in whole-image coordinates (``gpstoken.partition.tile_to_image``)."""
         g = self.g if g is None else g
         if len(self.tile_boxes) == 1:
             return g
-        h, w = self.image_size
         boxes = torch.tensor(self.tile_boxes, dtype=g.dtype, device=g.device)[self.tile_ids]  # (L, 4)
-        x0, y0 = boxes[:, 0], boxes[:, 1]
-        sx, sy = (boxes[:, 2] - x0 + 1) / w, (boxes[:, 3] - y0 + 1) / h  # tile size / image size
-        out = torch.stack(
-            [
-                g[..., 0] * sx,
-                g[..., 1] * sy,
-                g[..., 2],
-                -1 + 2 * x0 / w + (g[..., 3] + 1) * sx,
-                -1 + 2 * y0 / h + (g[..., 4] + 1) * sy,
-            ],
-            dim=-1,
-        )
-        return out
+        return tile_to_image(g, boxes, self.image_size, torch.stack)
 
     def keep(self, index: torch.Tensor | list[int]) -> Tokens:
         """Tokens with only the given token indices (or boolean mask), in that order."""

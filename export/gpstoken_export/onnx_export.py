@@ -27,7 +27,10 @@ def register_splat_symbolic() -> None:
         h = symbolic_helper._get_const(height, "i", "height")
         w = symbolic_helper._get_const(width, "i", "width")
         s = symbolic_helper._get_const(support, "f", "support")
-        return g.op(f"{DOMAIN}::{OP_TYPE}", gaussians, features, height_i=h, width_i=w, support_f=s)
+        out = g.op(f"{DOMAIN}::{OP_TYPE}", gaussians, features, height_i=h, width_i=w, support_f=s)
+        sizes = symbolic_helper._get_tensor_sizes(features) or [None, None, None]
+        out.setType(features.type().with_sizes([sizes[0], sizes[2], h, w]))  # (B, C, H, W)
+        return out
 
     torch.onnx.register_custom_op_symbolic("gpstoken::gaussian_splat", splat_symbolic, ONNX_OPSET)
     _registered = True

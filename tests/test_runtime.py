@@ -1,0 +1,102 @@
+"""The slim runtime: numpy + ONNX Runtime, no torch; same results as the torch model; clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gpstoken_export.export import export_model
+from PIL import Image
+
+import gpstoken
+from gpstoken.imageio import bundled_photo, center_crop_resize
+
+SHIPPED = Path(gpstoken.__file__).parent / "weights" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    model = gpstoken.GPSTokenizer.from_pretrained(SHIPPED)
+    return export_model(model, tmp_path_factory.mktemp("exp") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return np.stack([center_crop_resize(bundled_photo(n), 256) for n in ("coffee", "chelsea", "rocket")])
+
+
+def test_runtime_runs_with_torch_blocked_and_matches_torch(exported, photos, tmp_path):
+    np.save(tmp_path / "in.npy", photos)
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now fails
+import numpy as np
+from gpstoken_runtime import Tokenizer
+tok = Tokenizer.load({str(exported)!r})
+tokens = tok.encode(np.load({str(tmp_path / "in.npy")!r}))
+np.savez({str(tmp_path / "out.npz")!r}, g=tokens.g, f=tokens.f, images=tok.decode(tokens))
+assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = np.load(tmp_path / "out.npz")
+    model = gpstoken.GPSTokenizer.from_pretrained(SHIPPED)
+    with torch.inference_mode():
+        tokens = model.encode(photos)
+        ref = gpstoken.to_uint8(model.decode(tokens))
+    np.testing.assert_allclose(out["g"], tokens.g.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["f"], tokens.f.numpy(), rtol=1e-4, atol=1e-3)
+    diff = np.abs(out["images"].astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # rounding of a few pixels at most
+
+
+def test_runtime_cli(exported, tmp_path):
+    Image.fromarray(center_crop_resize(bundled_photo("astronaut"), 300)).save(tmp_path / "a.png")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gpstoken_runtime.cli", "reconstruct", str(tmp_path / "a.png"), "--model", str(exported), "--out", str(tmp_path / "r.png")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "PSNR" in proc.stdout and Image.open(tmp_path / "r.png").size == (256, 256)
+
+
+def test_bad_exports_and_inputs(exported, tmp_path, photos):
+    from gpstoken_runtime import ExportError, Tokenizer
+
+    with pytest.raises(ExportError, match="no such export folder"):
+        Tokenizer.load(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(ExportError, match="not valid JSON"):
+        Tokenizer.load(broken)
+    manifest = json.loads((exported / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(ExportError, match="'version' is 99"):
+        Tokenizer.load(broken)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    data = (broken / "decoder.onnx").read_bytes()
+    (broken / "decoder.onnx").write_bytes(data[: len(data) // 2])  # damaged, or from another export
+    with pytest.raises(ExportError, match="decoder.onnx: its SHA-256 differs"):
+        Tokenizer.load(broken)
+    (broken / "manifest.json").unlink()
+    with pytest.raises(ExportError, match="manifest.json: missing"):
+        Tokenizer.load(broken)
+
+    tok = Tokenizer.load(exported)
+    from gpstoken.imageio import ImageError
+
+    with pytest.raises(ImageError, match="takes 256x256 images, got 128x128"):
+        tok.encode(photos[0, :128, :128])
+    with pytest.raises(ImageError, match="share one size"):
+        tok.encode([photos[0], photos[0, :100]])
+    tokens = tok.encode(photos[:1])
+    tokens.f[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        tok.decode(tokens)

@@ -216,6 +216,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
     model, model_path = _load_model(args.model, "cpu")
     out = export_model(model, args.out, (args.size, args.size))
     print(f"exported {model_path} ({model.config.name}) for {args.size}x{args.size} images -> {out}/ (encoder.onnx, decoder.onnx, manifest.json)")
+    if args.check:
+        from gpstoken_export.parity import check_export
+
+        if not check_export(out, model):
+            raise ValueError(f"parity check failed: {out} does not reproduce the torch model within tolerance")
+        print("parity PASSED (torch vs ONNX Runtime: encoder, decoder, end to end)")
 
 
 def _reconstruct_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -335,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--model", type=Path, help="model folder; default: the shipped demo model")
     exp.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    exp.add_argument("--check", action="store_true", help="then compare torch and ONNX Runtime with polygraphy on photos (fails above tolerance)")
     exp.add_argument("--size", type=_positive_int, default=256, help="image size the decoder is exported for (a multiple of 256; default 256)")
     exp.set_defaults(run=_cmd_export)
 

@@ -100,3 +100,13 @@ def test_bad_exports_and_inputs(exported, tmp_path, photos):
     tokens.f[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         tok.decode(tokens)
+
+
+def test_polygraphy_parity_passes_and_can_fail(exported):
+    from gpstoken_export.parity import check_export
+
+    model = gpstoken.GPSTokenizer.from_pretrained(SHIPPED)
+    assert check_export(exported, model)
+    with torch.no_grad():
+        model.decoder.conv_out.bias[0] += 1e-2  # a small change of one weight
+    assert not check_export(exported, model)

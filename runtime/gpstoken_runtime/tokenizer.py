@@ -154,8 +154,8 @@ class Tokenizer:
             g[:, sel], f[:, sel] = gt, ft
         return Tokens(g=g, f=f, g_init=g_init, image_size=(h, w), tiles=first.tiles, tile_index=first.tile_index)
 
-    def decode(self, tokens: Tokens) -> np.ndarray:
-        """(B, H, W, 3) uint8."""
+    def decode(self, tokens: Tokens, as_uint8: bool = True) -> np.ndarray:
+        """(B, H, W, 3) uint8, or with ``as_uint8=False`` the decoder's (B, 3, H, W) float output."""
         if tokens.f.shape[-1] != self.feature_channels:
             raise ValueError(f"tokens have {tokens.f.shape[-1]} feature channels, the export expects {self.feature_channels}")
         if not (np.isfinite(tokens.g).all() and np.isfinite(tokens.f).all()):
@@ -171,7 +171,7 @@ class Tokenizer:
                 out[:, :, y0 : y1 + 1, x0 : x1 + 1] = self.decoder.run({"g": g[:, sel], "f": f[:, sel]})[0]
         else:
             out = self.decoder.run({"g": np.ascontiguousarray(tokens.image_g().astype(np.float32)), "f": f})[0]
-        return to_uint8(out)
+        return to_uint8(out) if as_uint8 else out
 
     def reconstruct(self, images, num_tokens: int | None = None, priority=None) -> np.ndarray:
         return self.decode(self.encode(images, num_tokens, priority))

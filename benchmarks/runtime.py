@@ -1,0 +1,82 @@
+"""Encode + decode: torch eager (GPSTokenizer) vs the slim runtime on ONNX Runtime, same weights, one run.
+
+    python benchmarks/runtime.py [--quick]
+
+Latency at batch 1 and throughput at batch 8 on 256x256 photos, for the tiny model and M128 (random
+weights: timing only). Both sides include the partition; outputs are checked to agree before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gpstoken_export.export import export_model
+from gpstoken_runtime import Tokenizer
+
+import gpstoken
+from gpstoken.imageio import bundled_photo, center_crop_resize
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "camera", "coins", "brick")
+
+
+def photos(n: int) -> np.ndarray:
+    import skimage.data
+
+    out = []
+    for name in PHOTOS[:n]:
+        image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else bundled_photo(name)
+        out.append(center_crop_resize(gpstoken.imageio.to_rgb_uint8(image), 256))
+    return np.stack(out)
+
+
+def median_ms(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 7
+    batch8 = photos(8)
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), 256x256, encode + decode incl. partition\n")
+    print("| model | batch | torch eager (ms) | runtime, ONNX Runtime (ms) | speed-up | images/s torch | images/s runtime | max |diff| (grey levels) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in ("tiny", "m128"):
+        torch.manual_seed(0)
+        model = gpstoken.GPSTokenizer(name).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            runtime = Tokenizer.load(export_model(model, Path(tmp) / name))
+            for batch in (1, 8):
+                images = batch8[:batch]
+
+                def eager():
+                    with torch.inference_mode():
+                        return gpstoken.to_uint8(model.reconstruct(images))
+
+                def slim():
+                    return runtime.reconstruct(images)
+
+                diff = int(np.abs(eager().astype(int) - slim().astype(int)).max())
+                reps = repeats if (name == "tiny" or batch == 1) else max(2, repeats // 3)
+                t_eager, t_slim = median_ms(eager, reps), median_ms(slim, reps)
+                print(
+                    f"| {name} | {batch} | {t_eager:.0f} | {t_slim:.0f} | {t_eager / t_slim:.2f}x | "
+                    f"{1000 * batch / t_eager:.1f} | {1000 * batch / t_slim:.1f} | {diff} |"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -22,10 +22,17 @@ class Backend(ABC):
 
 
 class OnnxRuntimeBackend(Backend):
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, custom_ops_library: str | None = None):
+        """``custom_ops_library``: libgpstoken_ort_ops.so (default: $GPSTOKEN_ORT_OPS if set) runs GaussianSplat
+        with the compiled kernel instead of the file's dense standard-op function."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        library = custom_ops_library or os.environ.get("GPSTOKEN_ORT_OPS")
+        if library:
+            if not Path(library).exists():
+                raise FileNotFoundError(f"{library}: custom-op library not found")
+            options.register_custom_ops_library(str(library))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1

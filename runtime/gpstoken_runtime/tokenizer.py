@@ -92,7 +92,7 @@ class Tokenizer:
         self.decode_mode = manifest["decode_mode"]
 
     @classmethod
-    def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None) -> Tokenizer:
+    def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None, **backend_options) -> Tokenizer:
         folder = Path(folder)
         manifest = read_manifest(folder)
         if backend not in BACKENDS:
@@ -101,7 +101,7 @@ class Tokenizer:
         graphs = []
         for name in ("encoder", "decoder"):
             try:
-                graph = make(folder / manifest["files"][name]["path"], device=device, threads=threads)
+                graph = make(folder / manifest["files"][name]["path"], device=device, threads=threads, **backend_options)
             except Exception as err:  # the backend's own error types (ORT's InvalidProtobuf, ...)
                 raise ExportError(f"{folder / manifest['files'][name]['path']}: cannot be loaded ({err})") from None
             expected = list(manifest["files"][name]["inputs"])

@@ -14,8 +14,8 @@ from .partition import Partition, calibrate, partition
 __version__ = "0.1.0"
 
 _LAZY = {
-    "splat": ".splat",
-    "splat_reference": ".splat",
+    "splat": ".splatting",
+    "splat_reference": ".splatting",
     "GPSTokenizer": ".tokenizer",
     "to_uint8": ".tokenizer",
     "Tokens": ".tokens",

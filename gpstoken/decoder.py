@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .config import TokenizerConfig
 from .layers import Grid, MapAttention, ResBlock, TiledGroupNorm, Upsample, swish
-from .splat import splat
+from .splatting import splat
 
 
 class DecoderStage(nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .splat import DEFAULT_SUPPORT, splat
+from .splatting import DEFAULT_SUPPORT, splat
 
 
 @dataclass

@@ -110,3 +110,14 @@ def test_polygraphy_parity_passes_and_can_fail(exported):
     with torch.no_grad():
         model.decoder.conv_out.bias[0] += 1e-2  # a small change of one weight
     assert not check_export(exported, model)
+
+
+def test_polygraphy_cli_runs_the_exported_decoder(exported, tmp_path):
+    """The README's `polygraphy run` recipe: ORT runs the custom node through its local function."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("polygraphy")), "run", str(exported / "decoder.onnx"), "--onnxrt",
+         "--input-shapes", "g:[2,64,5]", "f:[2,64,16]"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "PASSED" in proc.stdout + proc.stderr

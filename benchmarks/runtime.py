@@ -1,6 +1,6 @@
 """Encode + decode: torch eager (GPSTokenizer) vs the slim runtime on ONNX Runtime, same weights, one run.
 
-    python benchmarks/runtime.py [--quick]
+    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8]
 
 Latency at batch 1 and throughput at batch 8 on 256x256 photos, for the tiny model and M128 (random
 weights: timing only). Both sides include the partition; outputs are checked to agree before timing.
@@ -47,19 +47,21 @@ def median_ms(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    parser.add_argument("--models", nargs="+", default=["tiny", "m128"], help="configs to time (default: tiny m128)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
     args = parser.parse_args()
     repeats = 3 if args.quick else 7
-    batch8 = photos(8)
+    batch8 = photos(max(args.batches))
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), 256x256, encode + decode incl. partition\n")
     print("| model | batch | torch eager (ms) | runtime, ONNX Runtime (ms) | speed-up | images/s torch | images/s runtime | max |diff| (grey levels) |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("tiny", "m128"):
+    for name in args.models:
         torch.manual_seed(0)
         model = gpstoken.GPSTokenizer(name).eval()
         with tempfile.TemporaryDirectory() as tmp:
             runtime = Tokenizer.load(export_model(model, Path(tmp) / name))
-            for batch in (1, 8):
+            for batch in args.batches:
                 images = batch8[:batch]
 
                 def eager():

@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import _gpstoken_partition as _native
+try:  # the runtime-only wheel installs the module next to this file (gpstoken_runtime._shared)
+    from . import _gpstoken_partition as _native
+except ImportError:
+    import _gpstoken_partition as _native
 
 from .imageio import MAX_PIXELS, ImageError, to_rgb_uint8
 

@@ -56,6 +56,58 @@ assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # rounding of a few pixels at most
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_runtime_only_wheel_needs_neither_torch_nor_gpstoken(exported, photos, tmp_path):
+    """`pip install ./runtime` builds a wheel without torch in its requirements whose reconstructions
+    equal the full install's, with torch, the gpstoken package and scikit-image all unimportable."""
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(REPO / "runtime")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = (tmp_path / "dist").glob("gpstoken_runtime-*.whl")
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    requires = [line.split(":", 1)[1].strip().lower() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert not any(r.startswith("torch") for r in requires), requires
+    assert any(r.startswith("onnxruntime") for r in requires)
+    assert any(n.startswith("gpstoken_runtime/_shared/_gpstoken_partition") for n in names), names
+    assert not any(n.startswith("gpstoken/") for n in names)  # no clash with the full package
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr
+    np.save(tmp_path / "in.npy", photos[:2])
+    Image.fromarray(photos[0]).save(tmp_path / "p.png")
+    script = f"""
+import sys
+sys.path.insert(0, {str(tmp_path / "site")!r})
+for blocked in ("torch", "gpstoken", "_gpstoken_partition", "skimage"):
+    sys.modules[blocked] = None
+import numpy as np
+import gpstoken_runtime
+assert gpstoken_runtime.__file__.startswith({str(tmp_path / "site")!r}), gpstoken_runtime.__file__
+from gpstoken_runtime import Tokenizer
+tok = Tokenizer.load({str(exported)!r})
+np.save({str(tmp_path / "out.npy")!r}, tok.reconstruct(np.load({str(tmp_path / "in.npy")!r})))
+from gpstoken_runtime.cli import main
+sys.exit(main(["reconstruct", {str(tmp_path / "p.png")!r}, "--model", {str(exported)!r}, "--out", {str(tmp_path / "r.png")!r}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "PSNR/SSIM need scikit-image" in proc.stdout and (tmp_path / "r.png").exists()
+    from gpstoken_runtime import Tokenizer
+
+    reference = Tokenizer.load(exported).reconstruct(photos[:2])  # the full install's runtime
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), reference)
+
+
 def test_runtime_cli(exported, tmp_path):
     Image.fromarray(center_crop_resize(bundled_photo("astronaut"), 300)).save(tmp_path / "a.png")
     proc = subprocess.run(

@@ -12,9 +12,11 @@ constexpr int kWarp = 32;
 constexpr int kChannelChunk = 8;           // channels accumulated in registers per pass
 constexpr int kBackwardWarpsPerBlock = 4;  // Gaussians per backward block
 
-template <typename T>
-__global__ void splat_forward_kernel(const T* __restrict__ gaussians, const T* __restrict__ features,
-                                     T* __restrict__ out, int64_t L, int64_t C, int H, int W,
+// T: arithmetic type; S: storage type of the tensors (S = __half reads and writes float16 while
+// every product and sum stays in float32).
+template <typename T, typename S = T>
+__global__ void splat_forward_kernel(const S* __restrict__ gaussians, const S* __restrict__ features,
+                                     S* __restrict__ out, int64_t L, int64_t C, int H, int W,
                                      T support, int tiles_x, int64_t tiles_per_image) {
   __shared__ T tile_gaussians[kTileThreads][kNumParams];
   __shared__ int tile_ids[kTileThreads];
@@ -41,7 +43,7 @@ __global__ void splat_forward_kernel(const T* __restrict__ gaussians, const T* _
       bool hit = false;
       if (i < L) {
 #pragma unroll
-        for (int k = 0; k < kNumParams; ++k) g[k] = gaussians[(b * L + i) * kNumParams + k];
+        for (int k = 0; k < kNumParams; ++k) g[k] = T(gaussians[(b * L + i) * kNumParams + k]);
         const PixelBox box = support_box<T>(g, support, H, W);
         hit = !box.empty() && box.x0 < tx0 + kTile && box.x1 > tx0 && box.y0 < ty0 + kTile &&
               box.y1 > ty0;
@@ -68,10 +70,10 @@ __global__ void splat_forward_kernel(const T* __restrict__ gaussians, const T* _
           const T dx = cx - gk[kMuX], dy = cy - gk[kMuY];
           if (!in_support(dx, dy, gk, support)) continue;
           const T w = gaussian_terms(dx, dy, gaussian_coeffs(gk)).weight;
-          const T* f = features + (b * L + base + tile_ids[k]) * C + c0;
+          const S* f = features + (b * L + base + tile_ids[k]) * C + c0;
 #pragma unroll
           for (int cc = 0; cc < kChannelChunk; ++cc)
-            if (c0 + cc < C) acc[cc] += w * f[cc];
+            if (c0 + cc < C) acc[cc] += w * T(f[cc]);
         }
       }
       __syncthreads();  // the next batch of Gaussians reuses the shared arrays
@@ -80,7 +82,7 @@ __global__ void splat_forward_kernel(const T* __restrict__ gaussians, const T* _
     if (pixel_inside) {
 #pragma unroll
       for (int cc = 0; cc < kChannelChunk; ++cc)
-        if (c0 + cc < C) out[(b * C + c0 + cc) * plane + int64_t(y) * W + x] = acc[cc];
+        if (c0 + cc < C) out[(b * C + c0 + cc) * plane + int64_t(y) * W + x] = S(acc[cc]);
     }
   }
 }
@@ -155,17 +157,28 @@ __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
 
 }  // namespace
 
-template <typename T>
-cudaError_t splat_forward(const T* gaussians, const T* features, T* out, const SplatShape& s,
-                          T support, cudaStream_t stream) {
+template <typename T, typename S>
+cudaError_t launch_forward(const S* gaussians, const S* features, S* out, const SplatShape& s, T support,
+                           cudaStream_t stream) {
   if (s.batch == 0 || s.channels == 0) return cudaSuccess;
   const int tiles_x = (s.width + kTile - 1) / kTile, tiles_y = (s.height + kTile - 1) / kTile;
   const int64_t tiles = int64_t(tiles_x) * tiles_y;
   const int64_t blocks = tiles * s.batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  splat_forward_kernel<T><<<unsigned(blocks), kTileThreads, 0, stream>>>(
+  splat_forward_kernel<T, S><<<unsigned(blocks), kTileThreads, 0, stream>>>(
       gaussians, features, out, s.tokens, s.channels, s.height, s.width, support, tiles_x, tiles);
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t splat_forward(const T* gaussians, const T* features, T* out, const SplatShape& s,
+                          T support, cudaStream_t stream) {
+  return launch_forward<T, T>(gaussians, features, out, s, support, stream);
+}
+
+cudaError_t splat_forward_fp16(const __half* gaussians, const __half* features, __half* out,
+                               const SplatShape& shape, float support, cudaStream_t stream) {
+  return launch_forward<float, __half>(gaussians, features, out, shape, support, stream);
 }
 
 template <typename T>

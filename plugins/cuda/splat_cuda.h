@@ -2,6 +2,7 @@
 // Same contract as plugins/cpu/splat_cpu.h; the math is in gpstoken/splat_math.h.
 #pragma once
 
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include "gpstoken/splat_shape.h"
@@ -15,6 +16,11 @@ namespace gpstoken::cuda {
 template <typename T>
 cudaError_t splat_forward(const T* gaussians, const T* features, T* out, const SplatShape& shape,
                           T support, cudaStream_t stream);
+
+// The same on float16 tensors: reads and writes float16, computes and accumulates in float32
+// (inference only: the TensorRT plugin's fp16 path).
+cudaError_t splat_forward_fp16(const __half* gaussians, const __half* features, __half* out,
+                               const SplatShape& shape, float support, cudaStream_t stream);
 
 // grad_out (B, C, H, W) -> grad_gaussians (B, L, 5), grad_features (B, L, C); both overwritten.
 // One warp per Gaussian walks only that Gaussian's support box, then reduces with shuffles:

@@ -22,28 +22,30 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    from gpstoken.imageio import ImageError, center_crop_resize, load_image
-    from gpstoken.metrics import psnr, ssim
-
+    from ._library import imageio, metrics
     from .tokenizer import ExportError, Tokenizer
 
     try:
         tok = Tokenizer.load(args.model, device=args.device, threads=args.threads)
-        image = load_image(args.image)
+        image = imageio.load_image(args.image)
         h, w = tok.image_size
-        image = center_crop_resize(image, h) if h == w else image
+        image = imageio.center_crop_resize(image, h) if h == w else image
         tok.reconstruct(image, args.tokens)  # warm-up
         t0 = time.perf_counter()
         tokens = tok.encode(image, args.tokens)
         t1 = time.perf_counter()
         recon = tok.decode(tokens)[0]
         t2 = time.perf_counter()
-    except (ExportError, ImageError, ValueError, RuntimeError) as err:
+    except (ExportError, imageio.ImageError, ValueError, RuntimeError) as err:
         print(f"gpstoken-runtime reconstruct: error: {err}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(recon).save(args.out)
-    print(f"{args.image}: {w}x{h}, {tokens.g.shape[1]} tokens; PSNR {psnr(image, recon):.2f} dB  SSIM {ssim(image, recon):.4f}")
+    try:
+        quality = f"PSNR {metrics.psnr(image, recon):.2f} dB  SSIM {metrics.ssim(image, recon):.4f}"
+    except ImportError:  # the runtime-only wheel without its [metrics] extra
+        quality = "PSNR/SSIM need scikit-image (pip install 'gpstoken-runtime[metrics]')"
+    print(f"{args.image}: {w}x{h}, {tokens.g.shape[1]} tokens; {quality}")
     print(f"latency  encode {1000 * (t1 - t0):.0f} ms   decode {1000 * (t2 - t1):.0f} ms  [onnxruntime, {args.device}]; wrote {args.out}")
     return 0
 

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpstoken.imageio import ImageError, to_rgb_uint8
-from gpstoken.partition import partition, tile_to_image
+from ._library import imageio, partition as _partition
 
 from .backends import BACKENDS, Backend
 
@@ -34,7 +33,7 @@ class Tokens:
     def image_g(self) -> np.ndarray:
         if len(self.tiles) == 1:
             return self.g
-        return tile_to_image(self.g, self.tiles[self.tile_index].astype(self.g.dtype), self.image_size, np.stack)
+        return _partition.tile_to_image(self.g, self.tiles[self.tile_index].astype(self.g.dtype), self.image_size, np.stack)
 
 
 def _sha256(path: Path) -> str:
@@ -113,16 +112,16 @@ class Tokenizer:
     # ------------------------------------------------------------------ images
     def _batch(self, images) -> np.ndarray:
         if isinstance(images, (list, tuple)):
-            arrays = [to_rgb_uint8(np.asarray(im), f"image {k}") for k, im in enumerate(images)]
+            arrays = [imageio.to_rgb_uint8(np.asarray(im), f"image {k}") for k, im in enumerate(images)]
             if len({a.shape for a in arrays}) > 1:
-                raise ImageError(f"images in a batch must share one size, got {sorted({a.shape for a in arrays})}")
+                raise imageio.ImageError(f"images in a batch must share one size, got {sorted({a.shape for a in arrays})}")
             batch = np.stack(arrays)
         else:
             arr = np.asarray(images)
-            batch = np.stack([to_rgb_uint8(a, f"image {k}") for k, a in enumerate(arr)]) if arr.ndim == 4 else to_rgb_uint8(arr)[None]
+            batch = np.stack([imageio.to_rgb_uint8(a, f"image {k}") for k, a in enumerate(arr)]) if arr.ndim == 4 else imageio.to_rgb_uint8(arr)[None]
         if batch.shape[1:3] != self.image_size:
             h, w = self.image_size
-            raise ImageError(
+            raise imageio.ImageError(
                 f"this export takes {w}x{h} images, got {batch.shape[2]}x{batch.shape[1]}; resize first "
                 "(gpstoken.imageio.center_crop_resize) or export for that size (`gpstoken export --size`)"
             )
@@ -133,7 +132,7 @@ class Tokenizer:
         h, w = self.image_size
         tiles_total = (h // self.tile) * (w // self.tile)
         total = num_tokens or self.tokens_per_tile * tiles_total
-        parts = partition(batch, total, lam=self.lam, min_size=self.min_region, priority=priority, tile=self.tile)
+        parts = _partition.partition(batch, total, lam=self.lam, min_size=self.min_region, priority=priority, tile=self.tile)
         first = parts[0]
         x = batch.astype(np.float32) / 127.5 - 1
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -214,14 +214,22 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise ValueError(f"export needs onnx: pip install 'gpstoken[export]' ({err})") from None
 
     model, model_path = _load_model(args.model, "cpu")
-    out = export_model(model, args.out, (args.size, args.size))
-    print(f"exported {model_path} ({model.config.name}) for {args.size}x{args.size} images -> {out}/ (encoder.onnx, decoder.onnx, manifest.json)")
+    out = export_model(model, args.out, (args.size, args.size), dtype=args.dtype)
+    print(f"exported {model_path} ({model.config.name}, {args.dtype}) for {args.size}x{args.size} images -> {out}/ (encoder.onnx, decoder.onnx, manifest.json)")
     if args.check:
         from gpstoken_export.parity import check_export
 
         if not check_export(out, model):
             raise ValueError(f"parity check failed: {out} does not reproduce the torch model within tolerance")
         print("parity PASSED (torch vs ONNX Runtime: encoder, decoder, end to end)")
+    if args.tensorrt:
+        from gpstoken_export.build_engine import TensorRTUnavailable, build_engines
+
+        try:
+            build_engines(out, args.plugin, max_batch=args.max_batch, max_tokens=args.max_tokens)
+        except TensorRTUnavailable as err:
+            raise ValueError(f"the ONNX export in {out}/ is complete, but no TensorRT engines were built: {err}") from None
+        print(f"TensorRT engines: {out}/encoder.engine, {out}/decoder.engine (manifest.json has the tensorrt section)")
 
 
 def _reconstruct_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -343,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     exp.add_argument("--check", action="store_true", help="then compare torch and ONNX Runtime with polygraphy on photos (fails above tolerance)")
     exp.add_argument("--size", type=_positive_int, default=256, help="image size the decoder is exported for (a multiple of 256; default 256)")
+    exp.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                     help="graph precision (default float32); float16 is what TensorRT 11 needs for an fp16 engine")
+    exp.add_argument("--tensorrt", action="store_true",
+                     help="then build TensorRT engines next to the ONNX files (needs a GPU, tensorrt, cuda-bindings and the plugin)")
+    exp.add_argument("--plugin", type=Path, help="libgpstoken_trt.so for --tensorrt (default: $GPSTOKEN_TRT_PLUGIN or the installed one)")
+    exp.add_argument("--max-batch", type=_positive_int, default=8, help="largest batch of the engines' optimization profile (default 8)")
+    exp.add_argument("--max-tokens", type=_positive_int, help="largest token count per tile in the profile (default 2x the model's)")
     exp.set_defaults(run=_cmd_export)
 
     conv = sub.add_parser(

@@ -22,7 +22,7 @@ import torch
 import gpstoken
 from gpstoken.tokenizer import GPSTokenizer
 
-from .onnx_export import export_decoder, export_encoder
+from .onnx_export import export_decoder, export_encoder, to_float16
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE
 
 MANIFEST_FORMAT = "gpstoken-export"
@@ -48,8 +48,16 @@ def _io(model: onnx.ModelProto) -> dict:
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
 
 
-def export_model(model: GPSTokenizer, out: str | Path, image_size: tuple[int, int] = (256, 256)) -> Path:
-    """Export ``model`` for images of ``image_size`` (multiples of the tile) into the folder ``out``."""
+DTYPES = ("float32", "float16")
+
+
+def export_model(model: GPSTokenizer, out: str | Path, image_size: tuple[int, int] = (256, 256), dtype: str = "float32") -> Path:
+    """Export ``model`` for images of ``image_size`` (multiples of the tile) into the folder ``out``.
+
+    ``dtype="float16"``: both graphs in float16 (inputs, outputs, weights, the splat node), as TensorRT 11
+    needs for an fp16 engine; normalization statistics stay float32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     out = Path(out)
     cfg = model.config
     h, w = (int(v) for v in image_size)
@@ -71,6 +79,8 @@ def export_model(model: GPSTokenizer, out: str | Path, image_size: tuple[int, in
         tokens = cfg.tokens_per_tile
         enc = export_encoder(model, tmp / "encoder.onnx", (cfg.tile, cfg.tile), tokens)
         dec = export_decoder(model, tmp / "decoder.onnx", decoder_size, tokens, grid if decode_mode == "merged" else (1, 1))
+        if dtype == "float16":
+            enc, dec = to_float16(tmp / "encoder.onnx"), to_float16(tmp / "decoder.onnx")
         manifest = {
             "format": MANIFEST_FORMAT,
             "version": MANIFEST_VERSION,
@@ -81,6 +91,7 @@ def export_model(model: GPSTokenizer, out: str | Path, image_size: tuple[int, in
             "tokens_per_tile": tokens,
             "feature_channels": cfg.feature_channels,
             "decode_mode": decode_mode,
+            "dtype": dtype,
             "custom_op": {"domain": DOMAIN, "name": OP_TYPE, "version": DOMAIN_VERSION, "attributes": ["height", "width", "support"]},
             "onnx_opset": ONNX_OPSET,
             "exporter": {"gpstoken": gpstoken.__version__, "torch": torch.__version__, "onnx": onnx.__version__},

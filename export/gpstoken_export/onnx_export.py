@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from gpstoken.tokenizer import GPSTokenizer
 
-from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function
+from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function, drop_splat_function
 
 _registered = False
 
@@ -54,6 +54,32 @@ class DecoderGraph(nn.Module):
         if tuple(image.shape[-2:]) != (h, w):
             image = torch.nn.functional.interpolate(image, size=(h, w), mode="bilinear", align_corners=False)
         return image
+
+
+# Kept in float32 inside an fp16 graph (the converter adds the casts): normalization statistics, whose
+# reductions over large maps lose too much in float16.
+FP32_OPS = ["ReduceMean", "Sqrt"]
+
+
+def to_float16(path: Path) -> onnx.ModelProto:
+    """Rewrite an exported graph in float16 (inputs, outputs, weights, the GaussianSplat node), for
+    TensorRT 11, whose strongly typed builds take precision from the ONNX types. Normalization
+    statistics stay float32 (FP32_OPS); the splat node's plugin/function compute in float32 too."""
+    from onnxconverter_common import float16
+
+    model = onnx.load(str(path))
+    drop_splat_function(model)
+    # Intermediate types are re-inferred afterwards; the converter's own edits of them go wrong next to
+    # the float32-kept ops.
+    del model.graph.value_info[:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "float32 number truncated": tiny weights clamp to fp16's range
+        model = float16.convert_float_to_float16(
+            model, keep_io_types=False, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + FP32_OPS
+        )
+    del model.graph.value_info[:]
+    onnx.save(model, str(path))
+    return finish(path)
 
 
 def finish(path: Path) -> onnx.ModelProto:

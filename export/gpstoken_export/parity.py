@@ -109,6 +109,10 @@ def check_export(export_dir: str | Path, model: GPSTokenizer, rtol: float = 1e-4
         raise ValueError("parity checks cover single-tile exports (256x256)")
     model = model.eval().float()
     photos, enc_feeds, dec_feeds = _feeds(model, h)
+    if manifest.get("dtype", "float32") == "float16":
+        # Float16 graphs can't meet float32 tolerances; check the runtime end to end with an fp16 bound.
+        print("float16 export: end-to-end check only, atol 5e-2 x the image's scale")
+        return _end_to_end(export_dir, model, photos, rtol=0.0, scale_atol=5e-2)
     tile = manifest["tile"]
     enc_torch = TorchRunner(EncoderGraph(model), {"image": (None, 3, tile, tile), "g_init": (None, None, 5), "boxes": (None, None, 4)}, ["g", "f"], "torch-encoder")
     enc_ort = OnnxrtRunner(SessionFromOnnx(str(export_dir / "encoder.onnx")), name="onnxrt-encoder")
@@ -117,7 +121,11 @@ def check_export(export_dir: str | Path, model: GPSTokenizer, rtol: float = 1e-4
     dec_ort = OnnxrtRunner(SessionFromOnnx(str(export_dir / "decoder.onnx")), name="onnxrt-decoder")
     ok &= _compare("decoder", [dec_torch, dec_ort], dec_feeds, rtol, scale_atol)
 
-    # end to end: the runtime (partition + both graphs) against GPSTokenizer.reconstruct
+    return ok and _end_to_end(export_dir, model, photos, rtol, scale_atol)
+
+
+def _end_to_end(export_dir: Path, model: GPSTokenizer, photos: np.ndarray, rtol: float, scale_atol: float) -> bool:
+    """The runtime (partition + both graphs) against GPSTokenizer.reconstruct."""
     from gpstoken_runtime import Tokenizer
 
     runtime = Tokenizer.load(export_dir)
@@ -127,7 +135,7 @@ def check_export(export_dir: str | Path, model: GPSTokenizer, rtol: float = 1e-4
     atol = scale_atol * float(np.abs(ref).max())
     passed = np.allclose(got, ref, rtol=rtol, atol=atol)
     print(f"end2end  batch {len(photos)} image  max abs {float(np.abs(got - ref).max()):.3g}  {'PASS' if passed else 'FAIL'}")
-    return ok and passed
+    return bool(passed)
 
 
 def main(argv: list[str] | None = None) -> int:

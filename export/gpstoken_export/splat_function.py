@@ -32,10 +32,13 @@ def _const(name: str, value: float) -> onnx.NodeProto:
 def splat_function() -> onnx.FunctionProto:
     """Dense GaussianSplat: R[b, c, y, x] = sum_l G_l(x, y) f_l[c], G cut to |d| <= support * sigma.
 
-    Works for float32 and float16 inputs (constants are cast like the inputs). Memory is O(B L H W).
+    Works for float32 and float16 inputs: like the plugin's kernel it computes and accumulates in float32
+    and returns the features' dtype. Memory is O(B L H W).
     """
     n = helper.make_node
     nodes = [
+        n("Cast", ["gaussians_in"], ["gaussians"], to=TensorProto.FLOAT),
+        n("Cast", ["features_in"], ["features"], to=TensorProto.FLOAT),
         _ref("H", "value_int", AttributeProto.INT, "height"),
         _ref("W", "value_int", AttributeProto.INT, "width"),
         _ref("s_f32", "value_float", AttributeProto.FLOAT, "support"),
@@ -80,12 +83,13 @@ def splat_function() -> onnx.FunctionProto:
         n("LessOrEqual", ["adx", "bx"], ["inx"]), n("LessOrEqual", ["ady", "by"], ["iny"]),
         n("And", ["inx", "iny"], ["inside"]),
         n("Where", ["inside", "e", "zero"], ["weight"]),  # (B, L, H, W)
-        n("Einsum", ["weight", "features"], ["rendered"], equation="blhw,blc->bchw"),
+        n("Einsum", ["weight", "features"], ["rendered_f32"], equation="blhw,blc->bchw"),
+        n("CastLike", ["rendered_f32", "features_in"], ["rendered"]),
     ]
     return helper.make_function(
         DOMAIN,
         OP_TYPE,
-        inputs=["gaussians", "features"],
+        inputs=["gaussians_in", "features_in"],
         outputs=["rendered"],
         nodes=nodes,
         opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],

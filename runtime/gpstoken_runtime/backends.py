@@ -53,4 +53,10 @@ class OnnxRuntimeBackend(Backend):
         return self.session.run(self.output_names, feeds)
 
 
-BACKENDS = {"onnxruntime": OnnxRuntimeBackend}
+def _tensorrt_backend(*args, **kwargs) -> Backend:
+    from .tensorrt_backend import TensorRTBackend  # imports tensorrt only when asked for
+
+    return TensorRTBackend(*args, **kwargs)
+
+
+BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "tensorrt": _tensorrt_backend}

@@ -89,6 +89,18 @@ class Tokenizer:
         self.feature_channels = int(manifest["feature_channels"])
         self.lam, self.min_region = float(cfg["lam"]), int(cfg["min_region"])
         self.decode_mode = manifest["decode_mode"]
+        self.dtype = manifest.get("dtype", "float32")  # of the graphs' inputs and outputs
+        self._input_dtypes = {
+            graph: {name: np.dtype(io["dtype"]) for name, io in manifest["files"][graph]["inputs"].items()}
+            for graph in ("encoder", "decoder")
+        }
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Feeds cast to the graph's input dtypes (float16 exports); outputs returned as float32."""
+        types = self._input_dtypes[graph]
+        feeds = {k: np.ascontiguousarray(v, dtype=types.get(k, v.dtype)) for k, v in feeds.items()}
+        backend = self.encoder if graph == "encoder" else self.decoder
+        return [np.asarray(o, dtype=np.float32) for o in backend.run(feeds)]
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None, **backend_options) -> Tokenizer:
@@ -97,12 +109,33 @@ class Tokenizer:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         make = BACKENDS[backend]
+        files = manifest["files"]
+        if backend == "tensorrt":
+            from .tensorrt_backend import EngineMismatch, TensorRTUnavailable
+
+            section = manifest.get("tensorrt")
+            if not section or "files" not in section:
+                raise ExportError(f"{folder / 'manifest.json'}: no 'tensorrt' section; build the engines first (gpstoken export --tensorrt)")
+            files = section["files"]
+            for name in ("encoder", "decoder"):
+                engine = folder / files[name]["path"]
+                if not engine.exists():
+                    raise ExportError(f"{engine}: missing ({name} engine named in the manifest)")
+                if _sha256(engine) != files[name]["sha256"]:
+                    raise ExportError(f"{engine}: its SHA-256 differs from the manifest's tensorrt.files.{name}.sha256")
+            device = "cuda" if device == "cpu" else device
+            backend_options.setdefault("manifest_section", section)
+            passthrough: tuple[type[Exception], ...] = (TensorRTUnavailable, EngineMismatch)
+        else:
+            passthrough = ()
         graphs = []
         for name in ("encoder", "decoder"):
             try:
-                graph = make(folder / manifest["files"][name]["path"], device=device, threads=threads, **backend_options)
+                graph = make(folder / files[name]["path"], device=device, threads=threads, **backend_options)
+            except passthrough:
+                raise
             except Exception as err:  # the backend's own error types (ORT's InvalidProtobuf, ...)
-                raise ExportError(f"{folder / manifest['files'][name]['path']}: cannot be loaded ({err})") from None
+                raise ExportError(f"{folder / files[name]['path']}: cannot be loaded ({err})") from None
             expected = list(manifest["files"][name]["inputs"])
             if graph.input_names != expected:
                 raise ExportError(f"{name} graph inputs {graph.input_names} differ from the manifest's {expected}")
@@ -143,7 +176,8 @@ class Tokenizer:
         f = np.empty((b, n, self.feature_channels), np.float32)
         for t, (x0, y0, x1, y1) in enumerate(first.tiles):
             sel = np.nonzero(first.tile_index == t)[0]
-            gt, ft = self.encoder.run(
+            gt, ft = self._run(
+                "encoder",
                 {
                     "image": np.ascontiguousarray(x[:, :, y0 : y1 + 1, x0 : x1 + 1]),
                     "g_init": np.ascontiguousarray(g_init[:, sel]),
@@ -167,9 +201,9 @@ class Tokenizer:
             out = np.zeros((g.shape[0], 3, h, w), np.float32)
             for t, (x0, y0, x1, y1) in enumerate(tokens.tiles):
                 sel = np.nonzero(tokens.tile_index == t)[0]
-                out[:, :, y0 : y1 + 1, x0 : x1 + 1] = self.decoder.run({"g": g[:, sel], "f": f[:, sel]})[0]
+                out[:, :, y0 : y1 + 1, x0 : x1 + 1] = self._run("decoder", {"g": g[:, sel], "f": f[:, sel]})[0]
         else:
-            out = self.decoder.run({"g": np.ascontiguousarray(tokens.image_g().astype(np.float32)), "f": f})[0]
+            out = self._run("decoder", {"g": tokens.image_g(), "f": f})[0]
         return to_uint8(out) if as_uint8 else out
 
     def reconstruct(self, images, num_tokens: int | None = None, priority=None) -> np.ndarray:

@@ -1,0 +1,243 @@
+"""TensorRT backend: the engines `gpstoken export --tensorrt` builds, run with the same API as ONNX Runtime.
+
+    tok = Tokenizer.load("exported/", backend="tensorrt", plugin_library="libgpstoken_trt.so")
+
+Device memory, pinned host buffers and the stream come from cuda-bindings (``cuda.bindings.runtime``,
+the maintained binding TensorRT's own samples use). One stream per graph; buffers grow as needed and
+are reused; with ``cuda_graph=True`` a CUDA graph is captured per input shape and replayed.
+
+Imports neither torch nor TensorRT until a backend is created, so ``import gpstoken_runtime`` works
+everywhere; without TensorRT the error says what to install.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .backends import Backend
+
+PLUGIN_LIBRARY = "libgpstoken_trt.so"  # exports getCreators: loaded with IPluginRegistry.load_library
+PLUGIN_ENV = "GPSTOKEN_TRT_PLUGIN"
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT, cuda-bindings, a GPU or the plugin library is missing."""
+
+
+class EngineMismatch(RuntimeError):
+    """The engine was built for another TensorRT version or GPU."""
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as err:
+        raise TensorRTUnavailable(
+            "the TensorRT backend needs the `tensorrt` Python package (TensorRT 11, e.g. pip install tensorrt-cu13) "
+            f"and an NVIDIA GPU; it could not be imported ({err}). Without a GPU use backend='onnxruntime'."
+        ) from None
+    return trt
+
+
+def import_cudart():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError as err:
+        raise TensorRTUnavailable(f"the TensorRT backend needs cuda-bindings (pip install cuda-bindings): {err}") from None
+    return cudart
+
+
+def find_plugin_library(explicit: str | os.PathLike | None = None) -> Path:
+    """The getCreators plugin library: ``explicit``, else $GPSTOKEN_TRT_PLUGIN, else the one installed with
+    gpstoken_runtime (present when pip found TensorRT and nvcc at build time)."""
+    if explicit:
+        candidates = [Path(explicit)]
+    elif os.environ.get(PLUGIN_ENV):
+        candidates = [Path(os.environ[PLUGIN_ENV])]
+    else:
+        candidates = [Path(__file__).parent / "lib" / PLUGIN_LIBRARY]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise TensorRTUnavailable(
+        f"GaussianSplat plugin library not found ({candidates[0]} does not exist). Build it with CMake: "
+        "cmake -S . -B build -DGPSTOKEN_CUDA=ON -DTensorRT_ROOT=/path/to/TensorRT && cmake --build build "
+        f"--target gpstoken_trt, then pass plugin_library=build/{PLUGIN_LIBRARY} or set ${PLUGIN_ENV}"
+    )
+
+
+def _check(result, what: str):
+    """cuda-bindings calls return (err, *values)."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"{what} failed: CUDA error {int(err)} ({err})")
+    return values[0] if len(values) == 1 else values
+
+
+def gpu_properties(device: int = 0) -> tuple[str, tuple[int, int]]:
+    cudart = import_cudart()
+    err, props = cudart.cudaGetDeviceProperties(device)
+    if int(err) != 0:
+        raise TensorRTUnavailable(f"no CUDA device {device} ({err})")
+    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
+    return name.rstrip("\x00"), (int(props.major), int(props.minor))
+
+
+def check_engine_compatibility(section: dict | None, trt_version: str, gpu_name: str, capability: tuple[int, int]) -> None:
+    """Refuse engines from another TensorRT version or GPU model, naming the manifest field."""
+    if not section:
+        raise EngineMismatch("manifest.json has no 'tensorrt' section: build the engines first (gpstoken export --tensorrt)")
+    built = str(section.get("version", "?"))
+    if built.split(".")[:3] != trt_version.split(".")[:3]:
+        raise EngineMismatch(
+            f"manifest field tensorrt.version: the engines were built with TensorRT {built}, this is {trt_version}; "
+            "rebuild them (python -m gpstoken_export.build_engine EXPORT_DIR)"
+        )
+    cc = f"{capability[0]}.{capability[1]}"
+    if section.get("compute_capability") != cc or section.get("gpu") != gpu_name:
+        raise EngineMismatch(
+            f"manifest fields tensorrt.gpu / compute_capability: the engines were built on {section.get('gpu')} "
+            f"(sm {section.get('compute_capability')}), this GPU is {gpu_name} (sm {cc}); rebuild them on this GPU"
+        )
+
+
+_loaded_plugins: dict[str, object] = {}
+
+
+def load_plugin(trt, path: Path) -> None:
+    """Register the plugin's creators once per process (TensorRT refuses a second registration)."""
+    key = str(path.resolve())
+    if key in _loaded_plugins:
+        return
+    handle = trt.get_plugin_registry().load_library(key)
+    if handle is None:
+        raise TensorRTUnavailable(f"{path}: TensorRT could not load the plugin library")
+    _loaded_plugins[key] = handle
+
+
+_NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
+
+
+class TensorRTBackend(Backend):
+    def __init__(self, path: str | Path, device: str = "cuda", threads: int | None = None, plugin_library=None,
+                 cuda_graph: bool = False, manifest_section: dict | None = None):
+        """``path``: a serialized engine. ``threads`` is accepted for API symmetry and unused."""
+        if device not in ("cuda", "cuda:0") and not device.startswith("cuda"):
+            raise ValueError(f"the TensorRT backend runs on cuda devices, got device={device!r}")
+        trt = import_tensorrt()
+        self.cudart = cudart = import_cudart()
+        self.device = int(device.split(":")[1]) if ":" in device else 0
+        _check(cudart.cudaSetDevice(self.device), "cudaSetDevice")
+        if manifest_section is not None:
+            check_engine_compatibility(manifest_section, trt.__version__, *gpu_properties(self.device))
+        load_plugin(trt, find_plugin_library(plugin_library))
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        engine = trt.Runtime(self.logger).deserialize_cuda_engine(Path(path).read_bytes())
+        if engine is None:
+            raise EngineMismatch(f"{path}: TensorRT could not deserialize the engine (another TensorRT version or GPU?)")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.dtypes = {n: _NUMPY_TYPES[engine.get_tensor_dtype(n).name] for n in names}
+        self.profile = {n: tuple(tuple(d) for d in engine.get_tensor_profile_shape(n, 0)) for n in self.input_names}
+        self.device_buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, bytes)
+        self.host_buffers: dict[str, tuple[int, int]] = {}  # pinned
+        self.use_cuda_graph = cuda_graph
+        self.graphs: dict[tuple, object] = {}
+
+    # ---------------------------------------------------------------- buffers
+    def _buffer(self, pool: dict, name: str, nbytes: int, pinned: bool) -> int:
+        ptr, size = pool.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                _check((self.cudart.cudaFreeHost if pinned else self.cudart.cudaFree)(ptr), "free")
+            alloc = self.cudart.cudaMallocHost if pinned else self.cudart.cudaMalloc
+            ptr = int(_check(alloc(max(nbytes, 1)), "cudaMallocHost" if pinned else "cudaMalloc"))
+            pool[name] = (ptr, nbytes)
+            self.graphs.clear()  # captured graphs hold the old addresses
+        return ptr
+
+    def _host_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        dtype = np.dtype(self.dtypes[name])
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        ptr = self._buffer(self.host_buffers, name, nbytes, pinned=True)
+        import ctypes
+
+        raw = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
+        return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    # ---------------------------------------------------------------- run
+    def _check_feed(self, name: str, array: np.ndarray) -> np.ndarray:
+        expected = self.dtypes[name]
+        if array.dtype != expected:
+            raise ValueError(f"input {name!r}: dtype {array.dtype}, the engine takes {np.dtype(expected)}")
+        lo, _, hi = self.profile[name]
+        if len(array.shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(array.shape, lo, hi)):
+            raise ValueError(
+                f"input {name!r}: shape {tuple(array.shape)} is outside the engine's optimization profile "
+                f"(min {lo}, max {hi}); rebuild with a larger --max-batch / --max-tokens"
+            )
+        return np.ascontiguousarray(array)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        cudart, stream = self.cudart, self.stream
+        H2D, D2H = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        missing = set(self.input_names) - set(feeds)
+        if missing:
+            raise ValueError(f"missing inputs {sorted(missing)}")
+        key = []
+        for name in self.input_names:
+            array = self._check_feed(name, np.asarray(feeds[name]))
+            key.append(array.shape)
+            host = self._host_view(name, array.shape)
+            host[...] = array
+            dev = self._buffer(self.device_buffers, name, array.nbytes, pinned=False)
+            if not self.context.set_input_shape(name, array.shape):
+                raise ValueError(f"input {name!r}: TensorRT refused shape {tuple(array.shape)}")
+            self.context.set_tensor_address(name, dev)
+            _check(cudart.cudaMemcpyAsync(dev, host.ctypes.data, array.nbytes, H2D, stream), "cudaMemcpyAsync")
+        shapes = {n: tuple(self.context.get_tensor_shape(n)) for n in self.output_names}
+        for name, shape in shapes.items():
+            nbytes = int(np.prod(shape)) * np.dtype(self.dtypes[name]).itemsize
+            self.context.set_tensor_address(name, self._buffer(self.device_buffers, name, nbytes, pinned=False))
+        self._execute(tuple(key))
+        outputs = []
+        for name, shape in shapes.items():
+            host = self._host_view(name, shape)
+            dev, _ = self.device_buffers[name]
+            _check(cudart.cudaMemcpyAsync(host.ctypes.data, dev, host.nbytes, D2H, stream), "cudaMemcpyAsync")
+            outputs.append(host)
+        _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        return [o.copy() for o in outputs]
+
+    def _execute(self, key: tuple) -> None:
+        cudart, stream = self.cudart, self.stream
+        if not self.use_cuda_graph:
+            if not self.context.execute_async_v3(stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+            return
+        if key not in self.graphs:
+            # TensorRT needs one plain run after a shape change before it can be captured.
+            if not self.context.execute_async_v3(stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+            mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            _check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+            self.context.execute_async_v3(stream)
+            graph = _check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+            self.graphs[key] = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        _check(cudart.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")
+
+    def __del__(self):
+        cudart = getattr(self, "cudart", None)
+        if cudart is None:
+            return
+        for ptr, _ in getattr(self, "device_buffers", {}).values():
+            cudart.cudaFree(ptr)
+        for ptr, _ in getattr(self, "host_buffers", {}).values():
+            cudart.cudaFreeHost(ptr)

@@ -152,6 +152,13 @@ def test_pluginref_runner_matches_torch_and_can_fail(exported, model, photos, tm
         assert (tmp_path / name).exists(), name
     assert not onnx.load(str(tmp_path / "decoder.trt.onnx")).functions
     assert trt_parity.check_with_pluginref(tmp_path)
+    # polygraphy accepts the GPU recipe's command lines (it writes their Python script instead of running TensorRT)
+    recipe = tmp_path / "run_on_gpu.sh"
+    shim = 'polygraphy() { command polygraphy "$@" --gen-script "$(mktemp)"; }; export -f polygraphy; bash "$0" "$1"'
+    proc = subprocess.run(["bash", "-c", shim, str(recipe), str(tmp_path / "libgpstoken_trt_selfregister.so")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert recipe.read_text().count("--trt --plugins") == 2 and "g:[2,128,5]" in recipe.read_text()
     # a wrong support factor in the node must be caught
     splat = onnx.load(str(tmp_path / "splat.onnx"))
     for a in splat.graph.node[0].attribute:

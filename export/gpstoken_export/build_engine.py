@@ -16,13 +16,13 @@ Everything but the build itself (profiles, plugin lookup, manifest update) is pl
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
+from gpstoken_runtime.tokenizer import read_manifest, sha256_file
 from gpstoken_runtime.tensorrt_backend import (
     PLUGIN_ENV,
     PLUGIN_LIBRARY,
@@ -76,16 +76,8 @@ def tensorrt_manifest_section(trt_version: str, gpu_name: str, compute_capabilit
         "compute_capability": f"{compute_capability[0]}.{compute_capability[1]}",
         "plugin": {"name": "GaussianSplat", "version": "1", "library": plugin.name},
         "profiles": {g: {n: [list(s) for s in shapes] for n, shapes in p.items()} for g, p in profiles.items()},
-        "files": {g: {"path": p.name, "sha256": _sha256(p)} for g, p in engines.items()},
+        "files": {g: {"path": p.name, "sha256": sha256_file(p)} for g, p in engines.items()},
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest_atomically(folder: Path, manifest: dict) -> None:
@@ -113,8 +105,6 @@ def onnx_for_tensorrt(path: Path):
 def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batch: int = 8, opt_batch: int = 1,
                   max_tokens: int | None = None, workspace_gib: float = 4.0, verbose: bool = False) -> Path:
     """Build ``encoder.engine`` and ``decoder.engine`` in ``folder`` and record them in its manifest."""
-    from gpstoken_runtime.tokenizer import read_manifest
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     profiles = optimization_profiles(manifest, max_batch, opt_batch, max_tokens)

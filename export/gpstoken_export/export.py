@@ -9,7 +9,6 @@ L256-style models decode tile by tile with a tile-size graph). Batch and token c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,19 +21,13 @@ import torch
 import gpstoken
 from gpstoken.tokenizer import GPSTokenizer
 
+from gpstoken_runtime.tokenizer import sha256_file as sha256
+
 from .onnx_export import export_decoder, export_encoder, to_float16
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE
 
 MANIFEST_FORMAT = "gpstoken-export"
 MANIFEST_VERSION = 1
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _io(model: onnx.ModelProto) -> dict:

@@ -8,7 +8,8 @@ writes into ``parity/``
     splat_inputs.json / _outputs.json     real tokens of photos and torch's rendered map
     decoder.trt.onnx               decoder.onnx without the local function (the node goes to the plugin)
     decoder_inputs.json / _outputs.json   the same tokens and torch's decoded images
-and checks splat.onnx with polygraphy's ``PluginRefRunner``, GaussianSplat being registered with a NumPy
+plus ``run_on_gpu.sh`` (the commands below with a TensorRT profile of the files' shapes), and checks
+splat.onnx with polygraphy's ``PluginRefRunner``, GaussianSplat being registered with a NumPy
 reference of its own (float64, dense, written from the paper's formula). On a GPU machine:
 
     polygraphy run parity/splat.onnx --trt --plugins build/libgpstoken_trt_selfregister.so \\
@@ -104,7 +105,29 @@ def write_parity_data(export_dir: Path, model, out: Path, photos: np.ndarray) ->
     save_json([feed], str(out / "decoder_inputs.json"))
     _save_outputs(out / "splat_outputs.json", "torch", {"map": rendered.numpy()})
     _save_outputs(out / "decoder_outputs.json", "torch", {"image": images.numpy()})
+    write_gpu_recipe(out, feed)
     return attrs
+
+
+def write_gpu_recipe(out: Path, feed: dict[str, np.ndarray]) -> Path:
+    """``run_on_gpu.sh``: the polygraphy commands for these files, with a TensorRT profile of exactly their shapes."""
+    shapes = " ".join(f"{k}:[{','.join(str(d) for d in v.shape)}]" for k, v in feed.items())
+    profile = f"--trt-min-shapes {shapes} --trt-opt-shapes {shapes} --trt-max-shapes {shapes}"
+    lines = [
+        "#!/usr/bin/env bash",
+        "# TensorRT parity of the GaussianSplat plugin against torch outputs saved on the CPU.",
+        "# usage: bash run_on_gpu.sh path/to/libgpstoken_trt_selfregister.so",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")"',
+        'PLUGIN=${1:?path to libgpstoken_trt_selfregister.so}',
+        f"polygraphy run splat.onnx --trt --plugins \"$PLUGIN\" {profile} \\",
+        "    --load-inputs splat_inputs.json --load-outputs splat_outputs.json --atol 1e-4 --rtol 1e-4",
+        f"polygraphy run decoder.trt.onnx --trt --plugins \"$PLUGIN\" {profile} \\",
+        "    --load-inputs decoder_inputs.json --load-outputs decoder_outputs.json --atol 1e-3 --rtol 1e-3",
+    ]
+    path = out / "run_on_gpu.sh"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _save_outputs(path: Path, runner: str, outputs: dict) -> None:

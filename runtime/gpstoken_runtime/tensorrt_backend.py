@@ -219,16 +219,16 @@ class TensorRTBackend(Backend):
     def _execute(self, key: tuple) -> None:
         cudart, stream = self.cudart, self.stream
         if not self.use_cuda_graph:
-            if not self.context.execute_async_v3(stream):
+            if not self.context.execute_async_v3(int(stream)):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             return
         if key not in self.graphs:
             # TensorRT needs one plain run after a shape change before it can be captured.
-            if not self.context.execute_async_v3(stream):
+            if not self.context.execute_async_v3(int(stream)):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             _check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-            self.context.execute_async_v3(stream)
+            self.context.execute_async_v3(int(stream))
             graph = _check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
             self.graphs[key] = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
         _check(cudart.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")

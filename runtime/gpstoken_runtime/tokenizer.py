@@ -36,7 +36,8 @@ class Tokens:
         return _partition.tile_to_image(self.g, self.tiles[self.tile_index].astype(self.g.dtype), self.image_size, np.stack)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file (the manifest's integrity field)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -71,7 +72,7 @@ def read_manifest(folder: Path) -> dict:
         file = folder / entry["path"]
         if not file.exists():
             raise ExportError(f"{file}: missing ({graph} graph named in the manifest)")
-        if _sha256(file) != entry["sha256"]:
+        if sha256_file(file) != entry["sha256"]:
             raise ExportError(
                 f"{file}: its SHA-256 differs from the manifest's files.{graph}.sha256: the file is damaged or comes "
                 "from another export (encoder and decoder must come from the same export)"
@@ -121,7 +122,7 @@ class Tokenizer:
                 engine = folder / files[name]["path"]
                 if not engine.exists():
                     raise ExportError(f"{engine}: missing ({name} engine named in the manifest)")
-                if _sha256(engine) != files[name]["sha256"]:
+                if sha256_file(engine) != files[name]["sha256"]:
                     raise ExportError(f"{engine}: its SHA-256 differs from the manifest's tensorrt.files.{name}.sha256")
             device = "cuda" if device == "cpu" else device
             backend_options.setdefault("manifest_section", section)

@@ -14,16 +14,10 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
+
 using namespace nvinfer1;
 
-static int failures = 0;
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::printf("FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond);        \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
 
 // ---- stand-ins for TensorRT's implementation objects ---------------------------------------------
 class FakeExprImpl final : public apiv::VDimensionExpr {

@@ -9,17 +9,10 @@
 #include <vector>
 
 #include "../splat_plugin_rules.h"
+#include "check.h"
 
 using namespace gpstoken::trt_rules;
 
-static int failures = 0;
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::printf("FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond);        \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
 
 static bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 

@@ -9,13 +9,16 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gpstoken-runtime", description="Run a `gpstoken export` folder with ONNX Runtime (no torch).")
+    parser = argparse.ArgumentParser(prog="gpstoken-runtime", description="Run a `gpstoken export` folder with ONNX Runtime or TensorRT (no torch).")
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("reconstruct", help="encode + decode an image; writes the reconstruction, prints PSNR/SSIM and latency")
     rec.add_argument("image", type=Path, help="image file (resized + centre-cropped to the export's size)")
     rec.add_argument("--model", required=True, type=Path, help="export folder (manifest.json, encoder.onnx, decoder.onnx)")
     rec.add_argument("--tokens", type=int, default=None, help="token count (default: the export's tokens per tile)")
-    rec.add_argument("--device", default="cpu", help="cpu or cuda (needs onnxruntime-gpu)")
+    rec.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                     help="onnxruntime (default) or tensorrt (engines from `gpstoken export --tensorrt`, needs a GPU)")
+    rec.add_argument("--plugin", type=Path, help="libgpstoken_trt.so for --backend tensorrt (default: $GPSTOKEN_TRT_PLUGIN)")
+    rec.add_argument("--device", default="cpu", help="cpu or cuda (needs onnxruntime-gpu); tensorrt always runs on cuda")
     rec.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     rec.add_argument("--out", type=Path, default=Path("reconstruction.png"), help="output picture (default reconstruction.png)")
     args = parser.parse_args(argv)
@@ -26,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from .tokenizer import ExportError, Tokenizer
 
     try:
-        tok = Tokenizer.load(args.model, device=args.device, threads=args.threads)
+        options = {"plugin_library": args.plugin} if args.backend == "tensorrt" else {}
+        tok = Tokenizer.load(args.model, backend=args.backend, device=args.device, threads=args.threads, **options)
         image = imageio.load_image(args.image)
         h, w = tok.image_size
         image = imageio.center_crop_resize(image, h) if h == w else image
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # the runtime-only wheel without its [metrics] extra
         quality = "PSNR/SSIM need scikit-image (pip install 'gpstoken-runtime[metrics]')"
     print(f"{args.image}: {w}x{h}, {tokens.g.shape[1]} tokens; {quality}")
-    print(f"latency  encode {1000 * (t1 - t0):.0f} ms   decode {1000 * (t2 - t1):.0f} ms  [onnxruntime, {args.device}]; wrote {args.out}")
+    print(f"latency  encode {1000 * (t1 - t0):.0f} ms   decode {1000 * (t2 - t1):.0f} ms  [{args.backend}, {args.device if args.backend == 'onnxruntime' else 'cuda'}]; wrote {args.out}")
     return 0
 
 

@@ -1,10 +1,12 @@
-// Host-side test of the built TensorRT plugin library, without libnvinfer or a GPU:
-//   gpstoken_trt_host_test path/to/libgpstoken_trt.so
-// dlopens the library like IPluginRegistry::loadLibrary does, then drives the creator and the plugin
-// through TensorRT's own interfaces (headers only): fields, capability interfaces, dtypes, formats,
-// output shapes (with a constant-folding stand-in for TensorRT's expression builder), serialization
-// round trip, clone, and the errors for bad fields (through the logger given to setLoggerFinder).
-// Built by CMake when TensorRT headers are found.
+// Host-side test of the built TensorRT plugin libraries, without libnvinfer or a GPU:
+//   gpstoken_trt_host_test path/to/libgpstoken_trt.so path/to/libgpstoken_trt_selfregister.so
+// dlopens the getCreators library like IPluginRegistry::loadLibrary does, then drives the creator and
+// the plugin through TensorRT's own interfaces (headers only): fields, capability interfaces, dtypes,
+// formats, output shapes (with a constant-folding stand-in for TensorRT's expression builder),
+// serialization round trip, clone, and the errors for bad fields (through the logger given to
+// setLoggerFinder, then through the registry's error recorder). This executable exports a stand-in
+// `getPluginRegistry`, so loading the self-registering library shows exactly one registration and the
+// getCreators library none. Built by CMake when TensorRT headers are found.
 #include <NvInferRuntime.h>
 #include <dlfcn.h>
 
@@ -82,6 +84,60 @@ class Finder final : public ILoggerFinder {
   ILogger* logger_;
 };
 
+class RecordingErrorRecorder final : public IErrorRecorder {
+ public:
+  int32_t getNbErrors() const noexcept override { return int32_t(errors.size()); }
+  ErrorCode getErrorCode(int32_t i) const noexcept override { return codes.at(size_t(i)); }
+  ErrorDesc getErrorDesc(int32_t i) const noexcept override { return errors.at(size_t(i)).c_str(); }
+  bool hasOverflowed() const noexcept override { return false; }
+  void clear() noexcept override { errors.clear(), codes.clear(); }
+  bool reportError(ErrorCode code, ErrorDesc desc) noexcept override {
+    codes.push_back(code), errors.emplace_back(desc);
+    return true;
+  }
+  RefCount incRefCount() noexcept override { return 1; }
+  RefCount decRefCount() noexcept override { return 1; }
+  std::vector<std::string> errors;
+  std::vector<ErrorCode> codes;
+};
+
+// What the self-registering library finds through dlsym(RTLD_DEFAULT, "getPluginRegistry").
+class RecordingRegistry final : public IPluginRegistry {
+ public:
+  void setErrorRecorder(IErrorRecorder* const r) noexcept override { recorder = r; }
+  IErrorRecorder* getErrorRecorder() const noexcept override { return recorder; }
+  bool isParentSearchEnabled() const override { return false; }
+  void setParentSearchEnabled(bool const) override {}
+  PluginLibraryHandle loadLibrary(AsciiChar const*) noexcept override { return nullptr; }
+  void deregisterLibrary(PluginLibraryHandle) noexcept override {}
+  bool registerCreator(IPluginCreatorInterface& creator, AsciiChar const* const ns) noexcept override {
+    for (auto* c : creators)
+      if (c == &creator) return false;  // as TensorRT: a creator registers once
+    creators.push_back(&creator);
+    namespaces.emplace_back(ns ? ns : "<null>");
+    return true;
+  }
+  IPluginCreatorInterface* const* getAllCreators(int32_t* const n) const noexcept override {
+    *n = int32_t(creators.size());
+    return creators.data();
+  }
+  IPluginCreatorInterface* getCreator(AsciiChar const* const, AsciiChar const* const, AsciiChar const* const) noexcept override {
+    return nullptr;
+  }
+  bool deregisterCreator(IPluginCreatorInterface const&) noexcept override { return false; }
+  IPluginResource* acquirePluginResource(AsciiChar const*, IPluginResource*) noexcept override { return nullptr; }
+  int32_t releasePluginResource(AsciiChar const*) noexcept override { return 0; }
+  IPluginCreatorInterface* const* getAllCreatorsRecursive(int32_t* const n) noexcept override { return getAllCreators(n); }
+
+  IErrorRecorder* recorder = nullptr;
+  std::vector<IPluginCreatorInterface*> creators;
+  std::vector<std::string> namespaces;
+};
+
+static RecordingRegistry g_registry;
+
+extern "C" __attribute__((visibility("default"))) IPluginRegistry* getPluginRegistry() noexcept { return &g_registry; }
+
 static DynamicPluginTensorDesc desc(DataType type, TensorFormat format) {
   DynamicPluginTensorDesc d{};
   d.desc.type = type;
@@ -90,8 +146,8 @@ static DynamicPluginTensorDesc desc(DataType type, TensorFormat format) {
 }
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::printf("usage: %s libgpstoken_trt.so\n", argv[0]);
+  if (argc != 3) {
+    std::printf("usage: %s libgpstoken_trt.so libgpstoken_trt_selfregister.so\n", argv[0]);
     return 2;
   }
   void* lib = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
@@ -238,7 +294,34 @@ int main(int argc, char** argv) {
   CHECK(logger.last_error.find("'width' is missing") != std::string::npos);
   CHECK(creator->createPlugin("n", nullptr, TensorRTPhase::kBUILD) == nullptr);
 
+  // with an error recorder on the registry, errors go there (as kINVALID_ARGUMENT)
+  RecordingErrorRecorder recorder;
+  g_registry.setErrorRecorder(&recorder);
+  logger.last_error.clear();
+  CHECK(creator->createPlugin("n", &only_height, TensorRTPhase::kBUILD) == nullptr);
+  CHECK(recorder.getNbErrors() == 1 && recorder.getErrorCode(0) == ErrorCode::kINVALID_ARGUMENT);
+  CHECK(recorder.getNbErrors() == 1 && std::string(recorder.getErrorDesc(0)).find("'width' is missing") != std::string::npos);
+  CHECK(logger.last_error.empty());
+  g_registry.setErrorRecorder(nullptr);
   delete plugin;
+
+  // registration: the getCreators library registered nothing by itself; the other one registers once
+  int32_t registered = -1;
+  g_registry.getAllCreators(&registered);
+  CHECK(registered == 0);
+  void* self = dlopen(argv[2], RTLD_NOW | RTLD_LOCAL);
+  CHECK(self != nullptr);
+  CHECK(dlsym(self, "getCreators") == nullptr);  // one route per library
+  void* again = dlopen(argv[2], RTLD_NOW | RTLD_LOCAL);
+  CHECK(again == self);
+  IPluginCreatorInterface* const* all = g_registry.getAllCreators(&registered);
+  CHECK(registered == 1);
+  if (registered == 1) {
+    auto* c = static_cast<IPluginCreatorV3One*>(all[0]);
+    CHECK(std::strcmp(c->getPluginName(), "GaussianSplat") == 0 && g_registry.namespaces[0].empty());
+    CHECK(c != creator);  // its own creator instance, not the getCreators library's
+  }
+
   if (failures) {
     std::printf("%d check(s) failed\n", failures);
     return 1;

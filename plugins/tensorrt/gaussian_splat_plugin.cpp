@@ -274,8 +274,8 @@ struct SelfRegistration {
     IPluginRegistry* registry = gpstoken::trt::find_registry();
     if (registry == nullptr) {
       std::fprintf(stderr,
-                   "gpstoken GaussianSplat plugin: TensorRT (libnvinfer.so.%d) is not loaded, so the plugin could "
-                   "not register itself; import tensorrt before loading this library\n",
+                   "gpstoken GaussianSplat plugin: TensorRT's plugin registry was not found (libnvinfer.so.%d is not "
+                   "loaded), so the plugin could not register itself; import tensorrt before loading this library\n",
                    NV_TENSORRT_MAJOR);
       return;
     }

@@ -301,3 +301,46 @@ def test_export_tensorrt_flag_without_tensorrt_keeps_the_onnx_export(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gpstoken_export.build_engine", str(out), "--plugin", str(tmp_path / "nope.so")],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and "plugin library not found" in proc.stderr
+
+
+def test_tensorrt_backend_data_path_with_stand_in_tensorrt(exported, photos, tmp_path, monkeypatch):
+    """The TensorRT backend's own logic (engine I/O discovery, pinned and device buffers, copies, shapes,
+    profile checks, CUDA-graph capture and replay) on stand-ins for tensorrt and cuda.bindings whose
+    "engines" run the exported ONNX with ONNX Runtime from the addresses the backend sets: the
+    reconstructions equal the ONNX Runtime backend's. (TensorRT itself is not exercised.)"""
+    import fake_tensorrt
+    from gpstoken_runtime import Tokenizer
+    from gpstoken_runtime.tensorrt_backend import EngineMismatch
+
+    state = fake_tensorrt.install(monkeypatch)
+    folder = tmp_path / "engines"
+    shutil.copytree(exported, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    profiles = build_engine.optimization_profiles(manifest, max_batch=2)
+    engines = {}
+    for graph in ("encoder", "decoder"):
+        engines[graph] = folder / f"{graph}.engine"
+        engines[graph].write_bytes(fake_tensorrt.engine_bytes(folder / f"{graph}.onnx", profiles[graph]))
+    plugin = tmp_path / "libgpstoken_trt.so"
+    plugin.write_bytes(b"\x7fELF")
+    manifest["tensorrt"] = build_engine.tensorrt_manifest_section(fake_tensorrt.VERSION, *fake_tensorrt.GPU, plugin, profiles, engines)
+    build_engine.write_manifest_atomically(folder, manifest)
+
+    reference = Tokenizer.load(folder).reconstruct(photos).astype(int)  # ONNX Runtime backend
+    plain = Tokenizer.load(folder, backend="tensorrt", plugin_library=plugin)
+    assert np.abs(plain.reconstruct(photos).astype(int) - reference).max() <= 1
+    assert state.graph_launches == 0 and state.executions == 2  # one encoder tile batch, one decoder run
+
+    graphs = Tokenizer.load(folder, backend="tensorrt", plugin_library=plugin, cuda_graph=True)
+    for batch in (photos, photos, photos[:1], photos):
+        assert np.abs(graphs.reconstruct(batch).astype(int) - reference[: len(batch)]).max() <= 1
+    # new shapes are captured once per graph (batch 2, then batch 1), everything else replays
+    assert state.captures == 4 and state.graph_launches == 8
+
+    with pytest.raises(ValueError, match="outside the engine's optimization profile.*--max-batch"):
+        plain.reconstruct(np.concatenate([photos, photos[:1]]))  # batch 3 > the profile's 2
+
+    manifest["tensorrt"]["gpu"] = "Another GPU"
+    build_engine.write_manifest_atomically(folder, manifest)
+    with pytest.raises(EngineMismatch, match="built on Another GPU.*this GPU is Fake GPU"):
+        Tokenizer.load(folder, backend="tensorrt", plugin_library=plugin)

@@ -160,7 +160,8 @@ class TensorRTBackend(Backend):
             alloc = self.cudart.cudaMallocHost if pinned else self.cudart.cudaMalloc
             ptr = int(_check(alloc(max(nbytes, 1)), "cudaMallocHost" if pinned else "cudaMalloc"))
             pool[name] = (ptr, nbytes)
-            self.graphs.clear()  # captured graphs hold the old addresses
+            if not pinned:
+                self.graphs.clear()  # captured graphs hold the old device addresses (host copies are outside them)
         return ptr
 
     def _host_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -62,6 +62,8 @@ class CudaState:
         self.graph_launches = 0
         self.captures = 0
         self.executions = 0
+        self.graphs_destroyed = 0
+        self.execs_destroyed = 0
 
 
 def make_cudart(state: CudaState) -> types.ModuleType:
@@ -124,6 +126,20 @@ def make_cudart(state: CudaState) -> types.ModuleType:
     rt.cudaStreamEndCapture = end_capture
     rt.cudaGraphInstantiate = instantiate
     rt.cudaGraphLaunch = launch
+
+    def destroy_graph(graph):
+        assert isinstance(graph, list)
+        state.graphs_destroyed += 1
+        return (ok,)
+
+    def destroy_exec(graph_exec):
+        assert isinstance(graph_exec, list)
+        state.execs_destroyed += 1
+        return (ok,)
+
+    rt.cudaGraphDestroy = destroy_graph
+    rt.cudaGraphExecDestroy = destroy_exec
+    rt.cudaStreamDestroy = lambda stream: (state.streams.pop(int(stream)) and (ok,))
     rt._state = state
     return rt
 

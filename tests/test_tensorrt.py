@@ -336,6 +336,13 @@ def test_tensorrt_backend_data_path_with_stand_in_tensorrt(exported, photos, tmp
         assert np.abs(graphs.reconstruct(batch).astype(int) - reference[: len(batch)]).max() <= 1
     # new shapes are captured once per graph (batch 2, then batch 1), everything else replays
     assert state.captures == 4 and state.graph_launches == 8
+    assert state.graphs_destroyed == 4  # captured graphs are freed once instantiated
+    streams = len(state.streams)
+    del graphs
+    import gc
+
+    gc.collect()
+    assert state.execs_destroyed == 4 and len(state.streams) == streams - 2  # 2 shapes x 2 graphs; 2 streams
 
     with pytest.raises(ValueError, match="outside the engine's optimization profile.*--max-batch"):
         plain.reconstruct(np.concatenate([photos, photos[:1]]))  # batch 3 > the profile's 2

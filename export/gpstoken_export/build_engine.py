@@ -22,7 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from gpstoken_runtime.tokenizer import read_manifest, sha256_file
 from gpstoken_runtime.tensorrt_backend import (
     PLUGIN_ENV,
     PLUGIN_LIBRARY,
@@ -30,7 +29,9 @@ from gpstoken_runtime.tensorrt_backend import (
     find_plugin_library,
     gpu_properties,
     import_tensorrt,
+    load_plugin,
 )
+from gpstoken_runtime.tokenizer import read_manifest, sha256_file
 
 
 def _resolve(shape: list, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -112,9 +113,7 @@ def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batc
     trt = import_tensorrt()
     gpu_name, capability = gpu_properties()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
-    registry = trt.get_plugin_registry()
-    if registry.load_library(str(plugin_path)) is None:
-        raise TensorRTUnavailable(f"{plugin_path}: TensorRT could not load the plugin library (see the log above)")
+    load_plugin(trt, plugin_path)  # once per process: TensorRT refuses a second registration
     cache_path = folder / "timing.cache"
     engines = {}
     for graph in ("encoder", "decoder"):
@@ -129,7 +128,9 @@ def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batc
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
         cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+            # a cache from another GPU or TensorRT version is refused: start a fresh one
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in profiles[graph].items():
             profile.set_shape(name, lo, opt, hi)

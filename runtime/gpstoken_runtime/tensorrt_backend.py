@@ -118,7 +118,15 @@ def load_plugin(trt, path: Path) -> None:
     _loaded_plugins[key] = handle
 
 
-_NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
+_NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
+                "INT8": np.int8, "UINT8": np.uint8}
+
+
+def _numpy_type(engine, name: str):
+    kind = engine.get_tensor_dtype(name).name
+    if kind not in _NUMPY_TYPES:
+        raise EngineMismatch(f"engine tensor {name!r} has TensorRT type {kind}, which this runtime does not feed or read")
+    return _NUMPY_TYPES[kind]
 
 
 class TensorRTBackend(Backend):
@@ -144,7 +152,7 @@ class TensorRTBackend(Backend):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: _NUMPY_TYPES[engine.get_tensor_dtype(n).name] for n in names}
+        self.dtypes = {n: _numpy_type(engine, n) for n in names}
         self.profile = {n: tuple(tuple(d) for d in engine.get_tensor_profile_shape(n, 0)) for n in self.input_names}
         self.device_buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, bytes)
         self.host_buffers: dict[str, tuple[int, int]] = {}  # pinned
@@ -161,7 +169,7 @@ class TensorRTBackend(Backend):
             ptr = int(_check(alloc(max(nbytes, 1)), "cudaMallocHost" if pinned else "cudaMalloc"))
             pool[name] = (ptr, nbytes)
             if not pinned:
-                self.graphs.clear()  # captured graphs hold the old device addresses (host copies are outside them)
+                self._drop_graphs()  # captured graphs hold the old device addresses (host copies are outside them)
         return ptr
 
     def _host_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -229,15 +237,29 @@ class TensorRTBackend(Backend):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             _check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-            self.context.execute_async_v3(int(stream))
-            graph = _check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-            self.graphs[key] = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            captured = self.context.execute_async_v3(int(stream))
+            graph = _check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")  # always leave capture mode
+            try:
+                if not captured:
+                    raise RuntimeError("TensorRT execute_async_v3 failed during CUDA-graph capture (see the TensorRT log)")
+                self.graphs[key] = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+            finally:
+                cudart.cudaGraphDestroy(graph)  # the instantiated graph is independent of it
         _check(cudart.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")
+
+    def _drop_graphs(self) -> None:
+        for graph_exec in self.graphs.values():
+            self.cudart.cudaGraphExecDestroy(graph_exec)
+        self.graphs.clear()
 
     def __del__(self):
         cudart = getattr(self, "cudart", None)
         if cudart is None:
             return
+        if getattr(self, "graphs", None):
+            self._drop_graphs()
+        if getattr(self, "stream", None) is not None:
+            cudart.cudaStreamDestroy(self.stream)
         for ptr, _ in getattr(self, "device_buffers", {}).values():
             cudart.cudaFree(ptr)
         for ptr, _ in getattr(self, "host_buffers", {}).values():

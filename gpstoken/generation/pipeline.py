@@ -1,0 +1,248 @@
+"""``GPSGenerator``: layout SiT -> Alg. 2 calibration -> texture SiT -> tokenizer decoder.
+
+Folder layout (``save_pretrained`` / ``from_pretrained``):
+  tokenizer/                 a GPSTokenizer folder
+  texture/                   a SiT folder, role "texture" (two-stage) or "onestage"
+  layout/                    optional SiT folder, role "layout"
+  layout_bank.safetensors    optional g_init bank per class (e.g. the converted official initg.pickle)
+
+Seeded noise (one protocol, the same on CPU, GPU and the torch-free runtime), from numpy's PCG64(seed):
+  1. layout: float32 normal (B, L, 5) as the layout ODE's start, or the bank's picks (rng.integers);
+  2. texture start: float32 normal (B, L, C), duplicated for the unconditional rows;
+  3. each SDE step: float32 normal (2B, L, C), rows [:B] for the conditional state (all 2B with CFG).
+So a seed gives the same conditional noise with and without CFG. The official code draws its initial
+noise from a device generator, so its images depend on the device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpstoken_core import sampling as core
+from gpstoken_core.files import atomic_folder
+
+from ..checkpoint import CheckpointError
+from ..tokenizer import GPSTokenizer, to_uint8
+from ..tokens import Tokens
+from .layouts import LayoutBank, calibrate_layouts, check_layout, clamp_gaussians
+from .models import SiT
+from .samplers import model_velocity, sample_ode, sample_sde
+
+SAMPLERS = ("sde", "euler", "heun")
+BANK_FILE = "layout_bank.safetensors"
+
+
+class GPSGenerator:
+    """Class-conditional image generation with GPSToken (two-stage, or the one-stage baseline).
+
+    Layout sources, in this order: a ``g_init`` given to ``sample`` (edited, or a real image's
+    partition: structure-controlled generation), the layout model, the layout bank.
+    """
+
+    def __init__(
+        self,
+        texture: SiT,
+        tokenizer: GPSTokenizer,
+        layout: SiT | None = None,
+        layout_bank: LayoutBank | None = None,
+        s_min: int | None = None,
+    ):
+        tc, kc = texture.config, tokenizer.config
+        problems = []
+        if tc.role not in ("texture", "onestage"):
+            problems.append(f"the texture model has role {tc.role!r}, expected 'texture' or 'onestage'")
+        if tc.num_tokens != kc.tokens_per_tile:
+            problems.append(f"the texture model makes {tc.num_tokens} tokens, the {kc.name} tokenizer decodes {kc.tokens_per_tile}")
+        if tc.feature_channels != kc.feature_channels:
+            problems.append(
+                f"the texture model makes {tc.feature_channels} feature channels, the {kc.name} tokenizer expects {kc.feature_channels}"
+            )
+        if layout is not None:
+            lc = layout.config
+            if lc.role != "layout":
+                problems.append(f"the layout model has role {lc.role!r}, expected 'layout'")
+            if lc.num_tokens != tc.num_tokens or lc.num_classes != tc.num_classes:
+                problems.append(
+                    f"layout model ({lc.num_tokens} tokens, {lc.num_classes} classes) does not fit the texture model "
+                    f"({tc.num_tokens} tokens, {tc.num_classes} classes)"
+                )
+        if layout_bank is not None and layout_bank.num_tokens != tc.num_tokens:
+            problems.append(f"the layout bank holds {layout_bank.num_tokens}-token layouts, the texture model makes {tc.num_tokens}")
+        if tc.role == "onestage" and (layout is not None or layout_bank is not None):
+            problems.append("a one-stage model takes no layout model or layout bank")
+        if problems:
+            raise ValueError("generator parts do not fit: " + "; ".join(problems))
+        self.texture = texture.eval()
+        self.tokenizer = tokenizer.eval()
+        self.layout = None if layout is None else layout.eval()
+        self.layout_bank = layout_bank
+        self.s_min = int(s_min if s_min is not None else kc.min_region)  # Alg. 2 as the tokenizer's Alg. 1
+
+    @property
+    def two_stage(self) -> bool:
+        return self.texture.config.role == "texture"
+
+    @property
+    def device(self) -> torch.device:
+        return self.texture.pos_embed.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.texture.config.num_classes
+
+    # ----------------------------------------------------------------- files
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> GPSGenerator:
+        folder = Path(folder)
+        for part in ("tokenizer", "texture"):
+            if not (folder / part).is_dir():
+                raise CheckpointError(f"{folder}: no {part}/ folder (a generator folder holds tokenizer/, texture/, optional layout/)")
+        layout = SiT.from_pretrained(folder / "layout", device) if (folder / "layout").is_dir() else None
+        bank = LayoutBank.load(folder / BANK_FILE) if (folder / BANK_FILE).exists() else None
+        try:
+            return cls(
+                SiT.from_pretrained(folder / "texture", device),
+                GPSTokenizer.from_pretrained(folder / "tokenizer", device),
+                layout,
+                bank,
+            )
+        except ValueError as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"{folder}: {err}") from None
+
+    def save_pretrained(self, folder: str | Path, replace: bool = False) -> Path:
+        """Write the generator folder; it appears complete or not at all."""
+        with atomic_folder(folder, replace=replace) as tmp:
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
+            self.texture.save_pretrained(tmp / "texture")
+            if self.layout is not None:
+                self.layout.save_pretrained(tmp / "layout")
+            if self.layout_bank is not None:
+                self.layout_bank.save(tmp / BANK_FILE)
+        return Path(folder)
+
+    def to(self, device) -> GPSGenerator:
+        for m in (self.texture, self.tokenizer, self.layout):
+            if m is not None:
+                m.to(device)
+        return self
+
+    # ----------------------------------------------------------------- sampling
+    def _labels(self, labels) -> torch.Tensor:
+        y = np.atleast_1d(np.asarray(labels))
+        if y.ndim != 1 or len(y) == 0 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"labels must be a non-empty list of integer class ids, got {labels!r}")
+        bad = [int(v) for v in y if not 0 <= v < self.num_classes]
+        if bad:
+            raise ValueError(f"unknown class id(s) {bad}: the generator knows classes 0..{self.num_classes - 1}")
+        return torch.as_tensor(y.astype(np.int64), device=self.device)
+
+    def sample_layouts(
+        self,
+        labels,
+        rng: np.random.Generator,
+        steps: int = 5,
+        sampler: str = "heun",
+        cfg_scale: float = 1.0,
+        calibrate: bool = True,
+    ) -> torch.Tensor:
+        """(B, L, 5) g_init from the layout model (ODE, ``steps`` steps), calibrated by Alg. 2; or from the
+        layout bank when there is no layout model."""
+        y = labels if isinstance(labels, torch.Tensor) else self._labels(labels)
+        if self.layout is None:
+            if self.layout_bank is None:
+                raise ValueError("this generator has no layout model and no layout bank: pass g_init=")
+            return self.layout_bank.sample(y.cpu().numpy(), rng).to(self.device)
+        if sampler not in ("euler", "heun"):
+            raise ValueError(f"unknown layout sampler {sampler!r}; choose euler or heun")
+        cfg = self.layout.config
+        b = len(y)
+        z = torch.from_numpy(core.normal_float32(rng, (b, cfg.num_tokens, cfg.in_channels))).to(self.device)
+        x = z if cfg_scale == 1.0 else torch.cat([z, z])
+        x = sample_ode(model_velocity(self.layout, y, None, cfg_scale), x, steps, method=sampler)
+        g = self.layout.denormalize(x[:b])
+        return calibrate_layouts(g, (self.tokenizer.config.tile,) * 2, self.s_min) if calibrate else g
+
+    def sample_tokens(
+        self,
+        labels,
+        seed: int = 0,
+        cfg_scale: float = core.CFG_SCALE,
+        guidance: tuple[float, float] = (core.GUIDANCE_LOW, core.GUIDANCE_HIGH),
+        layout_steps: int = 5,
+        texture_steps: int = core.SDE_STEPS,
+        sampler: str = "sde",
+        layout_sampler: str = "heun",
+        layout_cfg_scale: float = 1.0,
+        g_init=None,
+        calibrate: bool | None = None,
+    ) -> Tokens:
+        """Generate tokens for class ids ``labels`` (B,).
+
+        cfg_scale / guidance: CFG on the texture stage, active for guidance[0] <= t <= guidance[1] (t units;
+        official 1.5 and (0.2, 1.0)). sampler: "sde" (official Euler-Maruyama, ``texture_steps`` points) or
+        the fixed-step ODEs "euler" / "heun". g_init: a given layout (B, L, 5) or (L, 5) for every label;
+        ``calibrate`` runs Alg. 2 on it (default: only on the layout model's output).
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        core.check_guidance(cfg_scale, *guidance)
+        core.check_guidance(layout_cfg_scale, 0.0, 1.0)
+        _check_steps("layout_steps", layout_steps, 1)
+        _check_steps("texture_steps", texture_steps, 2 if sampler == "sde" else 1)
+        y = self._labels(labels)
+        b = len(y)
+        rng = core.pcg64(seed)
+        tc = self.texture.config
+        tile = self.tokenizer.config.tile
+
+        cond = None
+        if self.two_stage:
+            if g_init is not None:
+                cond = check_layout(g_init, tc.num_tokens, "g_init").to(self.device)
+                if cond.shape[0] == 1 and b > 1:
+                    cond = cond.expand(b, -1, -1)
+                if cond.shape[0] != b:
+                    raise ValueError(f"g_init holds {cond.shape[0]} layouts for {b} labels")
+                if calibrate:
+                    cond = calibrate_layouts(cond, (tile, tile), self.s_min)
+            else:
+                cond = self.sample_layouts(
+                    y, rng, layout_steps, layout_sampler, layout_cfg_scale, calibrate=calibrate is not False
+                )
+            cond = check_layout(cond, tc.num_tokens, "layout").to(self.device)
+        elif g_init is not None:
+            raise ValueError("a one-stage generator takes no g_init")
+
+        with torch.no_grad():
+            z = torch.from_numpy(core.normal_float32(rng, (b, tc.num_tokens, tc.in_channels))).to(self.device)
+            guided = cfg_scale != 1.0
+            x = torch.cat([z, z]) if guided else z
+            velocity = model_velocity(self.texture, y, cond, cfg_scale, guidance)
+            if sampler == "sde":
+                x = sample_sde(velocity, x, texture_steps, generator=core.pcg64_draw(rng, rows=2 * b))
+            else:
+                x = sample_ode(velocity, x, texture_steps, method=sampler)
+            out = self.texture.denormalize(x[:b])
+            g = out[..., :5] + cond if self.two_stage else out[..., :5]  # g = g_init_cal + dg
+            g = clamp_gaussians(g)
+            f = out[..., 5:]
+        return Tokens(g=g, f=f, image_size=(tile, tile), g_init=cond)
+
+    def decode(self, tokens: Tokens) -> np.ndarray:
+        """(B, H, W, 3) uint8 images of tokens."""
+        with torch.no_grad():
+            return to_uint8(self.tokenizer.decode(tokens))
+
+    def sample(self, labels, seed: int = 0, **kwargs) -> np.ndarray:
+        """(B, H, W, 3) uint8 images for class ids ``labels``; options as ``sample_tokens``."""
+        return self.decode(self.sample_tokens(labels, seed=seed, **kwargs))
+
+
+def _check_steps(name: str, steps, least: int) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {steps!r}")

@@ -18,11 +18,11 @@ from safetensors.torch import load_file
 from gpstoken.imageio import bundled_photo, center_crop_resize
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "training" / "train_tokenizer.py"
-sys.path.insert(0, str(ROOT / "training"))
+TRAIN = ["-m", "training.train_tokenizer"]  # run from ROOT, as the README says
+sys.path.insert(0, str(ROOT))  # training/ is a package of the source tree, not of the installed wheel
 
-from checkpointing import completed_checkpoints  # noqa: E402
-from data import StepBatches  # noqa: E402
+from training.checkpointing import completed_checkpoints  # noqa: E402
+from training.data import StepBatches  # noqa: E402
 
 SMALL = ["--size", "64", "--tokens", "16", "--workers", "0", "--threads", "1", "--log-every", "1", "--image-every", "1000"]
 
@@ -39,8 +39,8 @@ def photos(tmp_path_factory) -> Path:
 
 def run_train(args, env_extra=None, check=True, launcher=None, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = (launcher or [sys.executable]) + [str(TRAIN), *SMALL, *[str(a) for a in args]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    cmd = (launcher or [sys.executable]) + [*TRAIN, *SMALL, *[str(a) for a in args]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -71,7 +71,7 @@ def test_resume_after_sigkill_is_exact(photos, tmp_path):
     killed = run_train([*common, "--out", tmp_path / "b"], {"GPSTOKEN_TRAIN_CRASH_TEST": "during_ckpt:4"}, check=False)
     assert killed.returncode == -signal.SIGKILL
     assert [p.name for p in completed_checkpoints(tmp_path / "b" / "checkpoints")] == ["step_00000002"]
-    assert list((tmp_path / "b" / "checkpoints").glob("step_00000004.tmp-*"))
+    assert list((tmp_path / "b" / "checkpoints").glob(".step_00000004.tmp-*"))
     resumed = run_train([*common, "--out", tmp_path / "b", "--resume"])
     assert "incomplete checkpoint" in resumed.stderr + resumed.stdout
     assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp-*"))
@@ -205,7 +205,7 @@ def test_data_errors_are_clear(tmp_path, photos):
 
 
 def test_failing_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
-    import checkpointing
+    from training import checkpointing
 
     root = tmp_path / "ckpt"
     checkpointing.save_checkpoint(root, 1, {"model": {"w": torch.ones(3)}}, {"step": 1})
@@ -224,14 +224,14 @@ def test_failing_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
 
 
 def test_help_explains():
-    proc = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, *TRAIN, "--help"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0
     for flag in ("--data", "--resume", "--lpips-weights", "--disc-start", "--ema-decay", "torchrun"):
         assert flag in proc.stdout
 
 
 def test_optimizer_state_round_trip():
-    from checkpointing import optimizer_from_tensors, optimizer_to_tensors
+    from training.checkpointing import optimizer_from_tensors, optimizer_to_tensors
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -250,3 +250,84 @@ def test_optimizer_state_round_trip():
         for key, value in a["state"][pid].items():
             assert torch.equal(value, b["state"][pid][key])
     assert np.isclose(other.param_groups[0]["lr"], 1e-3)
+
+
+def _ema_pytorch_decays(calls: int, beta: float, power: float, update_every: int, update_after_step: int) -> list:
+    """The decay ema_pytorch's ``EMA.update()`` applies at each call (None: skipped), written out from its
+    code: ``step`` counts calls, the decay reads the incremented counter, inv_gamma 1, min_value 0."""
+    decays, step = [], 0
+    for _ in range(calls):
+        s, step = step, step + 1
+        if s % update_every:
+            decays.append(None)
+        elif s <= update_after_step:
+            decays.append(0.0)
+        else:
+            epoch = max(step - update_after_step - 1, 0)
+            decays.append(0.0 if epoch <= 0 else min(max(1 - (1 + epoch) ** -power, 0.0), beta))
+    return decays
+
+
+@pytest.mark.parametrize("every, after", [(1, 0), (10, 100)])
+def test_ema_follows_the_ema_pytorch_schedule(every, after):
+    from training.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, 0.95, update_every=every, update_after_step=after)
+    decays = _ema_pytorch_decays(400, 0.95, 2 / 3, every, after)
+    assert 0.95 in decays  # the cap is reached within the run
+    for k, d in enumerate(decays):
+        before = ema.model.weight.clone()
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        ema.update(model, k)
+        want = before if d is None else before.lerp(model.weight, 1 - d)
+        assert torch.equal(ema.model.weight, want), f"update {k} (every {every}, after {after}, decay {d})"
+
+
+def test_constant_ema_matches_sit_update_ema():
+    from training.ema import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    ema = EMA(model, 0.9999, power=None, update_after_step=-1)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}  # SiT: update_ema(ema, model, decay=0)
+    for k in range(5):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        ema.update(model, k)
+        for name, p in model.named_parameters():  # SiT's update_ema
+            reference[name].mul_(0.9999).add_(p.detach(), alpha=1 - 0.9999)
+    for name, value in ema.model.state_dict().items():
+        torch.testing.assert_close(value, reference[name], rtol=1e-6, atol=1e-7, msg=f"{name} after 5 updates")
+
+
+def test_config_flags_and_file(tmp_path, capsys):
+    from training.config import parse_config
+    from training.train_tokenizer import TrainConfig
+
+    (tmp_path / "c.json").write_text(json.dumps({"lr": 1e-4, "batch": 8, "flip": False}))
+    cfg = parse_config(TrainConfig, ["--config", str(tmp_path / "c.json"), "--batch", "4", "--betas", "0.9", "0.99"], "")
+    assert (cfg.lr, cfg.batch, cfg.flip, cfg.betas) == (1e-4, 4, False, (0.9, 0.99))
+    (tmp_path / "bad.json").write_text(json.dumps({"lrr": 1}))
+    for argv, message in ((["--config", str(tmp_path / "bad.json")], "unknown field(s) lrr"), (["--steps", "0"], "--steps must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_config(TrainConfig, argv, "")
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+
+
+def test_single_process_distributed_helpers_are_identities(monkeypatch):
+    from training import distributed
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ddp = distributed.setup("cpu")
+    assert (ddp.rank, ddp.world, ddp.device, ddp.main) == (0, 1, torch.device("cpu"), True)
+    model = torch.nn.Linear(2, 2)
+    t = torch.arange(3.0)
+    assert distributed.wrap(model) is model and distributed.all_reduce_mean(t) is t
+    assert distributed.replica_difference(model) == 0.0
+    assert ddp.seed(5, per_rank=True) == 5
+    distributed.barrier()
+    distributed.cleanup()

@@ -1,10 +1,13 @@
 """Training checkpoints that survive ``kill -9``: one folder per step, completed by a rename.
 
-``OUT/checkpoints/step_00001000/`` holds model.safetensors, ema.safetensors, optimizer.safetensors
-(+ disc.safetensors, disc_optimizer.safetensors) and state.json (step, configs, RNG). Files are written
-into ``step_00001000.tmp-*`` and fsynced; the folder is renamed when complete and ``latest`` is updated
-atomically. A folder without the final name never counts, so a kill at any moment leaves the previous
-checkpoint usable; at most one checkpoint interval is lost.
+``OUT/checkpoints/step_00001000/`` holds one safetensors file per model and optimizer (model, ema,
+optimizer, ...), rng.safetensors and state.json (step, configs, optimizer hyper-parameters). The folder
+is built under a temporary name by ``gpstoken_core.files.atomic_folder`` and renamed when complete, then
+``latest`` is rewritten atomically. A folder without the final name never counts, so a kill at any
+moment leaves the previous checkpoint usable; at most one checkpoint interval is lost.
+
+Any trainer saves with ``save_training_state(root, step, modules, optimizers, state)`` and resumes with
+``load_checkpoint`` + ``restore_training_state``; the names of ``modules`` / ``optimizers`` are the files.
 """
 
 from __future__ import annotations
@@ -12,15 +15,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+from gpstoken_core.files import atomic_folder, atomic_write_text
 
-from gpstoken.checkpoint import atomic_write_text, load_tensors, save_tensors
+from gpstoken.checkpoint import load_tensors, save_tensors
 
 STEP_PREFIX = "step_"
+
+# Crash testing: "after_ckpt:N" kills the process with SIGKILL right after checkpoint N is complete,
+# "during_ckpt:N" while checkpoint N is half written (tests/test_training.py uses both).
+CRASH_TEST_ENV = "GPSTOKEN_TRAIN_CRASH_TEST"
+
+
+def crash_point(point: str, step: int) -> None:
+    """Die here, as ``kill -9`` would, when the crash-test variable names this point and step."""
+    if os.environ.get(CRASH_TEST_ENV) == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -45,17 +59,6 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -66,31 +69,69 @@ def save_checkpoint(
 ) -> Path:
     """Write ``parts`` (file stem -> tensors) and ``state`` (JSON) as checkpoint ``step``; keep the newest ``keep``."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{STEP_PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
-    try:
+    # replace=True: a checkpoint of the same step (a run restarted from an earlier one) is superseded
+    with atomic_folder(final, replace=True) as tmp:
         for stem, tensors in parts.items():
             save_tensors(tmp / f"{stem}.safetensors", tensors)
             if on_part_written is not None:
                 on_part_written()
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=1))
-        _fsync_dir(tmp)
-        stale = None
-        if final.exists():  # an older checkpoint of the same step: moved aside, removed once replaced
-            stale = final.with_name(final.name + f".tmp-old-{os.getpid()}")
-            os.replace(final, stale)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(root / "latest", final.name + "\n")
     for old in completed_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_training_state(
+    root: str | Path,
+    step: int,
+    modules: Mapping[str, torch.nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    state: dict,
+    keep: int = 3,
+) -> Path:
+    """Checkpoint ``step``: each module's weights, each optimizer's state, torch's RNG and ``state``.
+
+    An OSError (full disk, ...) says whether an earlier checkpoint is still there to resume from.
+    """
+    parts = {name: m.state_dict() for name, m in modules.items()}
+    meta = {}
+    for name, opt in optimizers.items():
+        parts[name], meta[name] = optimizer_to_tensors(opt)
+    parts["rng"] = {"torch": torch.get_rng_state()}
+    try:
+        return save_checkpoint(
+            root, step, parts, {"step": step, **state, **meta}, keep=keep,
+            on_part_written=lambda: crash_point("during_ckpt", step),
+        )
+    except OSError as err:
+        previous = latest_checkpoint(root)
+        raise OSError(
+            f"could not write the checkpoint at step {step} ({err}); "
+            + (f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists")
+        ) from None
+
+
+def restore_training_state(
+    path: str | Path,
+    parts: dict[str, dict[str, torch.Tensor]],
+    state: dict,
+    modules: Mapping[str, torch.nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+) -> int:
+    """Load what ``save_training_state`` wrote (``load_checkpoint(path)`` gives parts and state); returns the step."""
+    for name, module in modules.items():
+        # a module with its own checked loader (GPSTokenizer.load_weights) names the file in its errors
+        load = getattr(module, "load_weights", None)
+        if load is not None:
+            load(parts[name], source=f"{path}/{name}.safetensors")
+        else:
+            module.load_state_dict(parts[name])
+    for name, opt in optimizers.items():
+        optimizer_from_tensors(opt, parts[name], state[name])
+    torch.set_rng_state(parts["rng"]["torch"])
+    return int(state["step"])
 
 
 def completed_checkpoints(root: str | Path) -> list[Path]:
@@ -115,9 +156,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]
 
 
 def cleanup_partial(root: str | Path) -> list[Path]:
-    """Remove ``*.tmp-*`` folders a killed run left behind; returns what was removed."""
+    """Remove the temporary folders a killed run left behind; returns what was removed."""
     root = Path(root)
-    removed = [p for p in root.glob(f"{STEP_PREFIX}*.tmp-*")] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    # atomic_folder's names: .step_N.tmp-* (being written), .step_N.old-* (being replaced); step_N.tmp-* are
+    # from checkpoints written before atomic_folder was used
+    patterns = (f".{STEP_PREFIX}*.tmp-*", f".{STEP_PREFIX}*.old-*", f"{STEP_PREFIX}*.tmp-*")
+    removed = [p for pattern in patterns for p in root.glob(pattern)]
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed

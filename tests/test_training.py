@@ -331,3 +331,17 @@ def test_single_process_distributed_helpers_are_identities(monkeypatch):
     assert ddp.seed(5, per_rank=True) == 5
     distributed.barrier()
     distributed.cleanup()
+
+
+def test_cleanup_partial_removes_only_unfinished_folders(tmp_path):
+    from training import checkpointing
+
+    root = tmp_path / "ckpt"
+    done = checkpointing.save_checkpoint(root, 1, {"model": {"w": torch.ones(2)}}, {"step": 1})
+    # being written, being replaced (atomic_folder's names), and written by the pre-atomic_folder trainer
+    leftovers = [root / ".step_00000002.tmp-abc", root / ".step_00000001.old-77", root / "step_00000002.tmp-def"]
+    for p in leftovers:
+        p.mkdir()
+    assert sorted(checkpointing.cleanup_partial(root)) == sorted(leftovers)
+    assert checkpointing.completed_checkpoints(root) == [done] and (root / "latest").read_text() == "step_00000001\n"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]

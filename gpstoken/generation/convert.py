@@ -180,6 +180,7 @@ _ALLOWED_GLOBALS = {
     ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.numeric", "_frombuffer"),
     ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # protocol 2 stores array bytes as latin-1 text; encode only turns str into bytes
 }
 
 

@@ -97,6 +97,8 @@ class GPSGenerator:
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device = "cpu") -> GPSGenerator:
         folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: no such generator folder")
         for part in ("tokenizer", "texture"):
             if not (folder / part).is_dir():
                 raise CheckpointError(f"{folder}: no {part}/ folder (a generator folder holds tokenizer/, texture/, optional layout/)")

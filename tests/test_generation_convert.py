@@ -256,3 +256,24 @@ def test_initg_pickle_converts_to_a_layout_bank(tmp_path):
     assert any(np.array_equal(picks[1].numpy(), a[:, :5]) for a in data[0])
     with pytest.raises(ValueError, match="no layouts for class 2"):
         bank.sample([2], np.random.default_rng(0))
+
+
+def test_cli_converters(tmp_path, capsys):
+    import argparse
+
+    from gpstoken.generation.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    ema = random_state(official_shapes(**SMALL), seed=7)
+    write_ema_file(tmp_path / "generator.safetensors", ema)
+    args = parser.parse_args(["convert-official-generator", str(tmp_path / "generator.safetensors"), "--out", str(tmp_path / "g")])
+    args.run(args)
+    assert "depth 2, width 384, 8 tokens x 21 channels" in capsys.readouterr().out
+    torch.testing.assert_close(SiT.from_pretrained(tmp_path / "g").state_dict()["blocks.1.mlp.fc1.weight"], ema["blocks.1.mlp.fc1.weight"])
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        args.run(args)
+    (tmp_path / "initg.pickle").write_bytes(pickle.dumps(_initg(2)))
+    args = parser.parse_args(["convert-official-layouts", str(tmp_path / "initg.pickle"), "--out", str(tmp_path / "b.safetensors"), "--num-classes", "4"])
+    args.run(args)
+    assert "3 layouts, 2 classes, 16 tokens" in capsys.readouterr().out

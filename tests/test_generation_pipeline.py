@@ -175,3 +175,19 @@ def test_bad_input_gives_clear_errors(generator, parts, tmp_path):
     tokenizer.save_pretrained(tmp_path / "half" / "tokenizer")
     with pytest.raises(CheckpointError, match="no texture/ folder"):
         GPSGenerator.from_pretrained(tmp_path / "half")
+
+
+def test_cli_generate_writes_pngs(generator, tmp_path, capsys):
+    import argparse
+
+    from PIL import Image
+
+    from gpstoken.generation.cli import register
+
+    generator.save_pretrained(tmp_path / "gen")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["generate", str(tmp_path / "gen"), "--labels", "4", "--steps", "3", "--seed", "5", "--out", str(tmp_path / "png")])
+    args.run(args)
+    image = np.asarray(Image.open(tmp_path / "png" / "5_0_class4.png"))
+    np.testing.assert_array_equal(image, generator.sample([4], seed=5, texture_steps=3)[0])

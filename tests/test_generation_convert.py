@@ -152,7 +152,7 @@ def test_official_layout_converts_loads_and_matches_reference_forward(tmp_path):
         got = model(x, t, y, cond)
         expected = reference_forward(ema, x, t, y, cond, heads=6)
     assert expected.abs().max() > 1e-2  # a non-trivial output
-    # float32, SDPA vs explicit softmax: measured max difference 6e-7
+    # float32, SDPA vs explicit softmax: measured max difference 3e-7 (outputs up to 1.7)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
 
 

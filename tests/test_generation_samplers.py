@@ -57,7 +57,7 @@ def test_sde_official_settings_match_target_moments(diffusion):
     rng = core.pcg64(1)
     x = core.normal_float32(rng, (20000, 1, 3)).astype(np.float64)
     out = core.sample_sde(gaussian_velocity(MEAN, STD), x, core.pcg64_draw(rng), diffusion=diffusion).reshape(-1, 3)
-    # 20000 samples: standard errors 0.004..0.011 on the means; measured mean error <= 0.005, std error <= 0.6%
+    # 20000 samples: standard errors 0.004..0.011 on the means; measured mean error <= 0.011, std error <= 1.4%
     np.testing.assert_allclose(out.mean(0), MEAN, atol=0.03, err_msg=diffusion)
     np.testing.assert_allclose(out.std(0), STD, rtol=0.03, err_msg=diffusion)
 
@@ -90,7 +90,7 @@ def test_sde_reproduces_sit_reference_loop_with_the_same_draws():
     expected = reference(x0.clone())
     torch.manual_seed(11)
     got = sample_sde(velocity, x0.clone())
-    # float32 grid (reference) vs float64 grid (ours): measured max difference 3e-6
+    # float32 grid (reference) vs float64 grid (ours): measured max difference 1.1e-6 (values up to 3.7)
     torch.testing.assert_close(got, expected, atol=5e-5, rtol=1e-5)
 
 

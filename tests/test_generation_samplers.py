@@ -231,3 +231,18 @@ def test_core_sampling_imports_and_runs_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_generation_cli_registers_without_importing_torch():
+    code = textwrap.dedent(
+        """
+        import argparse, sys
+        from gpstoken.generation.cli import register
+        parser = argparse.ArgumentParser()
+        register(parser.add_subparsers(dest="command"))
+        parser.parse_args(["generate", "folder", "--labels", "1"])
+        print("torch loaded" if "torch" in sys.modules else "ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr

@@ -1,17 +1,26 @@
 """Two-stage generation with GPSToken: a layout SiT makes g_init, Alg. 2 calibrates it, a texture SiT
 makes (dg, f) under that layout, the tokenizer decodes. Also the one-stage baseline and the official
-generator's converter. Sampler math lives in ``gpstoken_core.sampling`` (shared with the runtime)."""
+generator's converter. Sampler math lives in ``gpstoken_core.sampling`` (shared with the runtime).
+
+Names load on first use, so ``gpstoken.generation.cli`` (argument parsing) does not import torch.
+"""
 
 from __future__ import annotations
 
 import importlib
 
-from .config import PRESETS, SiTConfig, preset
-from .models import SiT
-from .samplers import sample_ode, sample_sde
-from .transport import channel_stats, linear_path, velocity_loss
-
 _LAZY = {
+    "PRESETS": ".config",
+    "SiTConfig": ".config",
+    "preset": ".config",
+    "SiT": ".models",
+    "sample_ode": ".samplers",
+    "sample_sde": ".samplers",
+    "model_velocity": ".samplers",
+    "channel_stats": ".transport",
+    "linear_path": ".transport",
+    "velocity_loss": ".transport",
+    "texture_targets": ".transport",
     "GPSGenerator": ".pipeline",
     "LayoutBank": ".layouts",
     "calibrate_layouts": ".layouts",
@@ -30,15 +39,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gpstoken.generation' has no attribute {name!r}")
 
 
-__all__ = [
-    "PRESETS",
-    "SiT",
-    "SiTConfig",
-    "channel_stats",
-    "linear_path",
-    "preset",
-    "sample_ode",
-    "sample_sde",
-    "velocity_loss",
-    *_LAZY,
-]
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = sorted(_LAZY)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 import _gpstoken_partition as native
-from gpstoken.imageio import bundled_photo, center_crop_resize
-from gpstoken.partition import partition
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.partition import partition
 
 _spec = importlib.util.spec_from_file_location(
     "partition_reference", Path(__file__).resolve().parents[1] / "tests" / "partition_reference.py"

@@ -20,7 +20,7 @@ from gpstoken_export.export import export_model
 from gpstoken_runtime import Tokenizer
 
 import gpstoken
-from gpstoken.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "camera", "coins", "brick")
 
@@ -31,7 +31,7 @@ def photos(n: int) -> np.ndarray:
     out = []
     for name in PHOTOS[:n]:
         image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else bundled_photo(name)
-        out.append(center_crop_resize(gpstoken.imageio.to_rgb_uint8(image), 256))
+        out.append(center_crop_resize(gpstoken_core.imageio.to_rgb_uint8(image), 256))
     return np.stack(out)
 
 

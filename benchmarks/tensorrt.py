@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 import gpstoken
-from gpstoken.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "brick", "page")
 

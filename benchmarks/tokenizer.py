@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import gpstoken
-from gpstoken.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
 from gpstoken.roi_align import roi_align
 
 

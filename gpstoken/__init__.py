@@ -2,14 +2,14 @@
 
 Importing the package is light: the partition (C++, numpy only) is loaded at once, torch and the
 compiled splat operators (``gpstoken._C``) on first use of ``splat`` or the tokenizer. So the slim
-runtime can use ``gpstoken.partition`` where torch is not installed.
+runtime's core (``gpstoken_core``) never needs torch.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from .partition import Partition, calibrate, partition
+from gpstoken_core.partition import Partition, calibrate, partition
 
 __version__ = "0.1.0"
 

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+from gpstoken_core.tiling import DECODE_MODES
+
 from .checkpoint import CheckpointError
-from .imageio import ImageError, bundled_photo, center_crop_resize, load_image
+from gpstoken_core.imageio import ImageError, bundled_photo, center_crop_resize, load_image
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
@@ -83,7 +85,7 @@ def _input_image(args: argparse.Namespace) -> tuple[np.ndarray, str]:
 
 
 def _cmd_partition(args: argparse.Namespace) -> None:
-    from .partition import partition, priority_from_boxes, priority_from_mask
+    from gpstoken_core.partition import partition, priority_from_boxes, priority_from_mask
     from .viz import draw_gaussians
 
     image, source = _input_image(args)
@@ -109,16 +111,16 @@ def _cmd_partition(args: argparse.Namespace) -> None:
     )
 
 
-def _default_model() -> Path | None:
+def default_model() -> Path | None:
     """The small demo model shipped inside the package, if this install has it."""
     path = Path(__file__).parent / "weights" / "tiny"
     return path if (path / "model.safetensors").exists() else None
 
 
-def _load_model(model_arg, device: str):
+def load_model(model_arg, device: str):
     from .tokenizer import GPSTokenizer
 
-    path = Path(model_arg) if model_arg else _default_model()
+    path = Path(model_arg) if model_arg else default_model()
     if path is None:
         raise ValueError(
             "no model given: pass --model DIR (a folder written by save_pretrained or `gpstoken convert-official`)"
@@ -132,13 +134,13 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import save_tensors
-    from .metrics import psnr, ssim
-    from .partition import priority_from_boxes
+    from gpstoken_core.metrics import psnr, ssim
+    from gpstoken_core.partition import priority_from_boxes
     from .tokenizer import to_uint8
     from .viz import draw_gaussians, error_map, panels
 
     image, source = _input_image(args)
-    model, model_path = _load_model(args.model, args.device)
+    model, model_path = load_model(args.model, args.device)
     h, w = image.shape[:2]
     priority = priority_from_boxes((h, w), args.focus, args.focus_weight) if args.focus else None
     with torch.inference_mode():
@@ -146,7 +148,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         tokens = model.encode(image, args.tokens, priority)
         t1 = time.perf_counter()
-        recon = to_uint8(model.decode(tokens))[0]
+        recon = to_uint8(model.decode(tokens, args.decode))[0]
         t2 = time.perf_counter()
     g_init = tokens.image_g(tokens.g_init)[0].cpu().numpy()
     g = tokens.image_g()[0].cpu().numpy()
@@ -175,7 +177,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
         {"g": tokens.g[0], "f": tokens.f[0], "g_init": tokens.g_init[0], "g_image": tokens.image_g()[0]},
         metadata={"image_size": f"{h},{w}", "model": str(model_path)},
     )
-    print(f"{source}: {w}x{h}, {len(tokens)} tokens ({len(tokens.tile_boxes)} tile(s)), model {model_path} ({model.config.name})")
+    mode = f", decoded {args.decode or model.config.decode_mode}" if len(tokens.tile_boxes) > 1 else ""
+    print(f"{source}: {w}x{h}, {len(tokens)} tokens ({len(tokens.tile_boxes)} tile(s){mode}), model {model_path} ({model.config.name})")
     print(f"PSNR {quality[0]:.2f} dB   SSIM {quality[1]:.4f}")
     print(f"latency  encode {1000 * (t1 - t0):.0f} ms (partition + encoder)   decode {1000 * (t2 - t1):.0f} ms  [{args.device}]")
     print(f"wrote {', '.join(sorted(pictures))} and tokens.safetensors to {out}/")
@@ -193,7 +196,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .imagesets import list_images
     from .perceptual import InceptionFeatures, LPIPS
 
-    model, model_path = _load_model(args.model, args.device)
+    model, model_path = load_model(args.model, args.device)
     files = list_images(args.data)
     lpips = LPIPS.from_weights(args.lpips_weights).to(args.device) if args.lpips_weights else None
     inception = InceptionFeatures.from_weights(args.inception_weights).to(args.device) if args.inception_weights else None
@@ -207,39 +210,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         print(f"skipped {item}")
 
 
-def _cmd_export(args: argparse.Namespace) -> None:
-    try:
-        from gpstoken_export.export import export_model
-    except ImportError as err:
-        raise ValueError(f"export needs onnx: pip install 'gpstoken[export]' ({err})") from None
-
-    model, model_path = _load_model(args.model, "cpu")
-    out = export_model(model, args.out, (args.size, args.size), dtype=args.dtype)
-    print(f"exported {model_path} ({model.config.name}, {args.dtype}) for {args.size}x{args.size} images -> {out}/ (encoder.onnx, decoder.onnx, manifest.json)")
-    if args.check:
-        from gpstoken_export.parity import check_export
-
-        if not check_export(out, model):
-            raise ValueError(f"parity check failed: {out} does not reproduce the torch model within tolerance")
-        print("parity PASSED (torch vs ONNX Runtime: encoder, decoder, end to end)")
-    if args.tensorrt:
-        from gpstoken_export.build_engine import TensorRTUnavailable, build_engines
-
-        try:
-            build_engines(out, args.plugin, max_batch=args.max_batch, max_tokens=args.max_tokens)
-        except TensorRTUnavailable as err:
-            raise ValueError(f"the ONNX export in {out}/ is complete, but no TensorRT engines were built: {err}") from None
-        print(f"TensorRT engines: {out}/encoder.engine, {out}/decoder.engine (manifest.json has the tensorrt section)")
-
-
 def _reconstruct_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("image", nargs="?", type=Path, help="image file (default: a bundled photo)")
     parser.add_argument("--photo", default="astronaut", help="skimage.data photo when no image is given (default astronaut)")
     parser.add_argument("--model", type=Path, help="model folder (save_pretrained / convert-official); default: the shipped demo model")
-    parser.add_argument("--tokens", type=_positive_int, default=None, help="token count (default: the model's tokens per 256x256 tile, scaled by area)")
+    parser.add_argument("--tokens", type=positive_int, default=None, help="token count (default: the model's tokens per 256x256 tile, scaled by area)")
     parser.add_argument("--size", type=int, default=256, help="resize short side + centre crop to this (0: keep the image size; default 256)")
     parser.add_argument("--focus", type=_box, action="append", help="x0,y0,x1,y1 box that attracts tokens (repeatable)")
     parser.add_argument("--focus-weight", type=float, default=200.0, help="priority per focused pixel (default 200)")
+    parser.add_argument("--decode", choices=DECODE_MODES, default=None,
+                        help="images of several tiles: 'merged' (one map, per-tile statistics; official S/M) or 'tiles' "
+                             "(each tile alone; official L256); default: the model's config.decode_mode")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--out", default=default_out, help=f"output folder (default ./{default_out})")
 
@@ -276,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--image", type=Path, help="an image file to use instead of the bundled photo")
     fit.add_argument("--photo", default="astronaut", help="name of a skimage.data photo (default: astronaut)")
-    fit.add_argument("--size", type=_positive_int, default=128, help="square working size in pixels (default 128)")
-    fit.add_argument("--tokens", type=_positive_int, default=256, help="number of tokens, rounded to a square (default 256)")
-    fit.add_argument("--steps", type=_positive_int, default=500, help="optimization steps (default 500)")
+    fit.add_argument("--size", type=positive_int, default=128, help="square working size in pixels (default 128)")
+    fit.add_argument("--tokens", type=positive_int, default=256, help="number of tokens, rounded to a square (default 256)")
+    fit.add_argument("--steps", type=positive_int, default=500, help="optimization steps (default 500)")
     fit.add_argument("--support", type=float, default=3.0, help="support factor s of the splat (official: 3)")
     fit.add_argument("--out", default="gpstoken_fit", help="output folder (default ./gpstoken_fit)")
     fit.set_defaults(run=_cmd_fit)
@@ -294,10 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     part.add_argument("image", nargs="?", type=Path, help="image file (default: a bundled photo)")
     part.add_argument("--photo", default="astronaut", help="skimage.data photo when no image is given")
-    part.add_argument("--tokens", type=_positive_int, default=None, help="token count (default 128 per 256x256 tile)")
+    part.add_argument("--tokens", type=positive_int, default=None, help="token count (default 128 per 256x256 tile)")
     part.add_argument("--size", type=int, default=256, help="resize short side + centre crop to this (0: keep; default 256)")
     part.add_argument("--lam", type=float, default=2.5, help="entropy exponent lambda (official 2.5)")
-    part.add_argument("--min-size", type=_positive_int, default=8, help="minimum region side (official 8)")
+    part.add_argument("--min-size", type=positive_int, default=8, help="minimum region side (official 8)")
     part.add_argument("--focus", type=_box, action="append", help="x0,y0,x1,y1 box that attracts tokens (repeatable)")
     part.add_argument("--focus-mask", type=Path, help="image whose non-zero pixels attract tokens")
     part.add_argument("--focus-weight", type=float, default=200.0, help="priority per focused pixel (default 200)")
@@ -330,35 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--model", type=Path, help="model folder; default: the shipped demo model")
     ev.add_argument("--data", default="sklearn:", help="images: folder, list file, skimage: or sklearn: (default sklearn:)")
-    ev.add_argument("--size", type=_positive_int, default=256, help="evaluation size (default 256)")
-    ev.add_argument("--tokens", type=_positive_int, default=None, help="tokens per image (default: the model's)")
+    ev.add_argument("--size", type=positive_int, default=256, help="evaluation size (default 256)")
+    ev.add_argument("--tokens", type=positive_int, default=None, help="tokens per image (default: the model's)")
     ev.add_argument("--lpips-weights", help="local LPIPS weights (VGG16 + heads; comma-separate two files)")
     ev.add_argument("--inception-weights", help="local FID Inception-v3 weights (pytorch-fid / torch-fidelity file)")
     ev.add_argument("--device", default="cpu", help="torch device (default cpu)")
     ev.set_defaults(run=_cmd_eval)
-
-    exp = sub.add_parser(
-        "export",
-        help="export a model to ONNX (encoder.onnx, decoder.onnx with the GaussianSplat node, manifest.json)",
-        description=(
-            "Write OUT/encoder.onnx (one 256 tile: image, g_init, boxes -> g, f), OUT/decoder.onnx (g, f -> image "
-            "for --size images; the splat is one gpstoken::GaussianSplat node with a model-local function, so plain "
-            "ONNX Runtime runs it) and OUT/manifest.json (config, shapes, versions, file hashes). Batch and token "
-            "count are dynamic. The folder is written under a temporary name and renamed when complete."
-        ),
-    )
-    exp.add_argument("--model", type=Path, help="model folder; default: the shipped demo model")
-    exp.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
-    exp.add_argument("--check", action="store_true", help="then compare torch and ONNX Runtime with polygraphy on photos (fails above tolerance)")
-    exp.add_argument("--size", type=_positive_int, default=256, help="image size the decoder is exported for (a multiple of 256; default 256)")
-    exp.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                     help="graph precision (default float32); float16 is what TensorRT 11 needs for an fp16 engine")
-    exp.add_argument("--tensorrt", action="store_true",
-                     help="then build TensorRT engines next to the ONNX files (needs a GPU, tensorrt, cuda-bindings and the plugin)")
-    exp.add_argument("--plugin", type=Path, help="libgpstoken_trt.so for --tensorrt (default: $GPSTOKEN_TRT_PLUGIN or the installed one)")
-    exp.add_argument("--max-batch", type=_positive_int, default=8, help="largest batch of the engines' optimization profile (default 8)")
-    exp.add_argument("--max-tokens", type=_positive_int, help="largest token count per tile in the profile (default 2x the model's)")
-    exp.set_defaults(run=_cmd_export)
 
     conv = sub.add_parser(
         "convert-official",
@@ -373,7 +331,33 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--config", required=True, choices=["s64", "m128", "l256", "tiny"], help="which official model it is (tiny: an official-layout file of our small config)")
     conv.add_argument("--out", required=True, type=Path, help="output model folder")
     conv.set_defaults(run=_cmd_convert_official)
+    _register_plugin_commands(sub)
     return parser
+
+
+COMMANDS_ENTRY_POINTS = "gpstoken.commands"
+
+
+def _register_plugin_commands(sub) -> None:
+    """Subcommands other packages add (``gpstoken export`` comes from gpstoken_export): each entry point of
+    the group names a ``register(subparsers)`` function. The library itself never imports them."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=COMMANDS_ENTRY_POINTS), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except ImportError as err:  # e.g. the exporter without onnx installed: say so when it is asked for
+            stub = sub.add_parser(entry.name, help=f"(unavailable: {err})")
+            stub.set_defaults(run=_unavailable(entry.name, err))
+            continue
+        register(sub)
+
+
+def _unavailable(name: str, err: Exception):
+    def run(args: argparse.Namespace) -> None:
+        raise ValueError(f"`gpstoken {name}` needs packages that are not installed ({err}); pip install 'gpstoken[export]'")
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

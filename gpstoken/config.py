@@ -11,6 +11,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from gpstoken_core.tiling import DECODE_MODES, TILE
+
 CONFIG_FORMAT = "gpstoken-tokenizer"  # written into config.json so other JSON files are recognised
 
 
@@ -47,8 +49,10 @@ class TokenizerConfig:
     support: float = 3.0  # official gps_dmax: Gaussians are cut at |d| <= support * sigma
     lam: float = 2.5  # entropy exponent of the partition (official gps_adaptive_w)
     min_region: int = 8  # partition minimum region side (official adaptive_minhw default)
-    tile: int = 256  # images larger than this are partitioned and encoded per tile
-    merge_tiles: bool = True  # decode all tiles' tokens as one map (S/M); False: per tile (L256)
+    tile: int = TILE  # images larger than this are partitioned and encoded per tile
+    # how an image of several tiles is decoded (gpstoken_core.tiling): "merged" = one map with per-tile
+    # statistics (official S64/M128), "tiles" = each tile on its own (official L256)
+    decode_mode: str = "merged"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
@@ -58,6 +62,8 @@ class TokenizerConfig:
             problems.append(f"tokens_per_tile must be >= 1, got {self.tokens_per_tile}")
         if self.feature_channels < 1:
             problems.append(f"feature_channels must be >= 1, got {self.feature_channels}")
+        if self.decode_mode not in DECODE_MODES:
+            problems.append(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {self.decode_mode!r}")
         if not self.support > 0:
             problems.append(f"support must be > 0, got {self.support}")
         enc, dec = self.encoder, self.decoder
@@ -82,6 +88,8 @@ class TokenizerConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TokenizerConfig:
         data = dict(data)
+        if "merge_tiles" in data and "decode_mode" not in data:  # configs saved before decode_mode existed
+            data["decode_mode"] = "merged" if data.pop("merge_tiles") else "tiles"
         fmt = data.pop("format", None)
         if fmt != CONFIG_FORMAT:
             raise ValueError(f"not a gpstoken tokenizer config (format {fmt!r}, expected {CONFIG_FORMAT!r})")
@@ -117,7 +125,7 @@ def m128() -> TokenizerConfig:
 
 def l256() -> TokenizerConfig:
     """Official GPSToken-L256: 256 tokens, 32 feature channels; tiles are decoded separately."""
-    return TokenizerConfig(name="l256", tokens_per_tile=256, feature_channels=32, merge_tiles=False)
+    return TokenizerConfig(name="l256", tokens_per_tile=256, feature_channels=32, decode_mode="tiles")
 
 
 def tiny() -> TokenizerConfig:

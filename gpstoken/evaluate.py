@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .imageio import ImageError, center_crop_resize
+from gpstoken_core.imageio import ImageError, center_crop_resize
 from .imagesets import read_image
-from .metrics import psnr, ssim
+from gpstoken_core.metrics import psnr, ssim
 from .tokenizer import GPSTokenizer, to_uint8
 
 

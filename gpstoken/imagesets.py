@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .imageio import load_image
+from gpstoken_core.imageio import load_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 # Photographs that scikit-image ships in its wheel (no download); synthetic test patterns are left out.
@@ -49,7 +49,7 @@ def list_images(source: str) -> list[str]:
 def read_image(name: str) -> np.ndarray:
     """HxWx3 uint8 from a path or a ``skimage:NAME`` / ``sklearn:NAME`` bundled photo."""
     if name.startswith("skimage:"):
-        from .imageio import bundled_photo
+        from gpstoken_core.imageio import bundled_photo
 
         photo = name[len("skimage:") :]
         if photo in ("motorcycle_left", "motorcycle_right"):  # the two views of skimage's stereo pair

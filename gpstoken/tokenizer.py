@@ -4,7 +4,7 @@ Inputs to ``encode`` / ``reconstruct``:
   - uint8 arrays (H, W, 3) or (B, H, W, 3), a list of same-size uint8 arrays, or PIL images;
   - torch tensors (B, 3, H, W) or (3, H, W): float in [-1, 1] (the library's range) or uint8.
 All images of a batch must have the same size (a mixed-size batch is refused: resize first, e.g. with
-``gpstoken.imageio.center_crop_resize``). Images larger than the tile (256) are partitioned and encoded
+``gpstoken_core.imageio.center_crop_resize``). Images larger than the tile (256) are partitioned and encoded
 per tile with ``tokens_per_tile`` tokens each (tokens scale with area), as the official high-resolution
 path. ``decode`` returns float images in about [-1, 1]; ``to_uint8`` converts them.
 """
@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpstoken_core.tiling import DecoderSpec, check_decode_mode, decode_jobs, encode_groups
+
 from .checkpoint import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -32,8 +34,8 @@ from .checkpoint import (
 from .config import TokenizerConfig, preset
 from .decoder import GaussianDecoder
 from .encoder import GaussianEncoder
-from .imageio import ImageError, to_rgb_uint8
-from .partition import Partition, partition
+from gpstoken_core.imageio import ImageError, to_rgb_uint8
+from gpstoken_core.partition import Partition, partition
 from .tokens import Tokens
 
 _RANGE_SLACK = 1e-3
@@ -132,7 +134,7 @@ class GPSTokenizer(nn.Module):
             if len(sizes) > 1:
                 raise ImageError(
                     f"images in a batch must share one size, got {sorted(sizes)}; resize them first "
-                    "(gpstoken.imageio.center_crop_resize) or encode them one by one"
+                    "(gpstoken_core.imageio.center_crop_resize) or encode them one by one"
                 )
             batch = np.stack(arrays) if arrays else np.zeros((0, 2, 2, 3), np.uint8)
         else:
@@ -172,7 +174,7 @@ class GPSTokenizer(nn.Module):
     def encode(self, images, num_tokens: int | None = None, priority=None) -> Tokens:
         """Partition (Alg. 1) and encode. ``num_tokens`` defaults to ``tokens_per_tile`` per 256x256 tile;
         ``priority``: an (H, W) map (or one per image) that pulls tokens to a region, see
-        ``gpstoken.partition.priority_from_boxes``."""
+        ``gpstoken_core.partition.priority_from_boxes``."""
         x, rgb = self.prepare(images)
         parts = self.partition(rgb, num_tokens, priority)
         return self.encode_partitions(x, parts)
@@ -193,11 +195,7 @@ class GPSTokenizer(nn.Module):
         g = x.new_empty(b, n, 5)
         f = x.new_empty(b, n, self.config.feature_channels)
         # Tiles of one size and token count are encoded together, each as its own image.
-        groups: dict[tuple, list[int]] = {}
-        for t, (x0, y0, x1, y1) in enumerate(tiles):
-            count = int((tile_index == t).sum())
-            groups.setdefault((y1 - y0 + 1, x1 - x0 + 1, count), []).append(t)
-        for ts in groups.values():
+        for ts in encode_groups(tiles, first.tile_index):
             crops, gi, bx, idx = [], [], [], []
             for t in ts:
                 x0, y0, x1, y1 = tiles[t]
@@ -214,34 +212,41 @@ class GPSTokenizer(nn.Module):
             g=g, f=f, image_size=tuple(first.image_size), g_init=g_init, tiles=tuple(tiles), tile_index=tile_index.to(device)
         )
 
-    def decode(self, tokens: Tokens) -> torch.Tensor:
-        """(B, 3, H, W) images in about [-1, 1] from any number of tokens."""
+    def decode(self, tokens: Tokens, mode: str | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images in about [-1, 1] from any number of tokens.
+
+        ``mode`` decides how an image of several tiles is decoded: "merged" (one map, per-tile
+        normalization statistics, the official S64/M128 path) or "tiles" (each tile alone, then placed;
+        the official L256 path). Default: the model's ``config.decode_mode``."""
         self._check_tokens(tokens)
+        mode = check_decode_mode(mode or self.config.decode_mode)
         device, dtype = self._device_dtype()
         tokens = tokens.to(device)
         g, f = tokens.g.to(dtype), tokens.f.to(dtype)
+        jobs = decode_jobs(tokens.image_size, tokens.tile_boxes, mode)
+        if len(jobs) == 1:
+            return self.decode_spec(tokens.image_g(g), f, jobs[0].spec)
         h, w = tokens.image_size
-        tiles = tokens.tile_boxes
-        if len(tiles) == 1:
-            return self.decode_single(g, f, (h, w))
-        if self.config.merge_tiles:
-            image = self.decoder(self.decoder.render(tokens.image_g(g), f, self.decoder.map_size(h, w)), tokens.grid)
-            return _resize(image, (h, w))
-        # Each tile decoded on its own and placed (official L256 path).
         out = g.new_zeros(g.shape[0], 3, h, w)
         ids = tokens.tile_ids
-        for t, (x0, y0, x1, y1) in enumerate(tiles):
-            sel = (ids == t).nonzero().squeeze(1)
-            out[:, :, y0 : y1 + 1, x0 : x1 + 1] = self.decode_single(g[:, sel], f[:, sel], (y1 - y0 + 1, x1 - x0 + 1))
+        for job in jobs:
+            sel = (ids == job.tile).nonzero().squeeze(1)
+            x0, y0, x1, y1 = job.box
+            out[:, :, y0 : y1 + 1, x0 : x1 + 1] = self.decode_spec(g[:, sel], f[:, sel], job.spec)
         return out
+
+    def decode_spec(self, g: torch.Tensor, f: torch.Tensor, spec: DecoderSpec) -> torch.Tensor:
+        """Decode tokens g (B, L, 5) (coordinates of the whole output), f (B, L, C) into an image of
+        ``spec.image_size``, normalizing over ``spec.grid`` tiles (what one exported decoder graph does)."""
+        h, w = spec.image_size
+        return _resize(self.decoder(self.decoder.render(g, f, self.decoder.map_size(h, w)), spec.grid), (h, w))
 
     def decode_single(self, g: torch.Tensor, f: torch.Tensor, size) -> torch.Tensor:
         """Decode tokens of one tile covering a (H, W) image."""
-        h, w = (int(v) for v in size)
-        return _resize(self.decoder(self.decoder.render(g, f, self.decoder.map_size(h, w))), (h, w))
+        return self.decode_spec(g, f, DecoderSpec(tuple(int(v) for v in size)))
 
-    def reconstruct(self, images, num_tokens: int | None = None, priority=None) -> torch.Tensor:
-        return self.decode(self.encode(images, num_tokens, priority))
+    def reconstruct(self, images, num_tokens: int | None = None, priority=None, decode_mode: str | None = None) -> torch.Tensor:
+        return self.decode(self.encode(images, num_tokens, priority), decode_mode)
 
     def _check_tokens(self, tokens: Tokens) -> None:
         if not isinstance(tokens, Tokens):

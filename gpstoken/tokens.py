@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .partition import tile_to_image
+from gpstoken_core.tiling import grid_shape, tile_to_image
 
 Box = tuple[int, int, int, int]  # inclusive pixels (x0, y0, x1, y1)
 
@@ -57,11 +57,10 @@ class Tokens:
     @property
     def grid(self) -> tuple[int, int]:
         """(rows, cols) of the tile grid."""
-        boxes = self.tile_boxes
-        return len({b[1] for b in boxes}), len({b[0] for b in boxes})
+        return grid_shape(self.tile_boxes)
 
     def image_g(self, g: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, L, 5) Gaussians in whole-image coordinates (``gpstoken.partition.tile_to_image``)."""
+        """(B, L, 5) Gaussians in whole-image coordinates (``gpstoken_core.tiling.tile_to_image``)."""
         g = self.g if g is None else g
         if len(self.tile_boxes) == 1:
             return g

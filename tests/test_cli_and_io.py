@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gpstoken.imageio import ImageError, load_image, to_rgb_uint8
+from gpstoken_core.imageio import ImageError, load_image, to_rgb_uint8
 from gpstoken.viz import gaussian_ellipse_points
 
 

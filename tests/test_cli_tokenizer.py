@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import gpstoken
 from gpstoken.config import preset
-from gpstoken.imageio import bundled_photo, center_crop_resize
-from gpstoken.metrics import psnr, ssim
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.metrics import psnr, ssim
 
 SHIPPED = Path(gpstoken.__file__).parent / "weights" / "tiny"
 

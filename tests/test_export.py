@@ -14,7 +14,7 @@ from gpstoken_export.splat_function import DOMAIN, ONNX_OPSET, OP_TYPE, add_spla
 from onnx import TensorProto, helper
 
 import gpstoken
-from gpstoken.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
 
 def _session(model: onnx.ModelProto) -> ort.InferenceSession:
@@ -119,7 +119,7 @@ def test_export_command_writes_a_complete_folder(tmp_path, photos):
     import subprocess
     import sys
 
-    from gpstoken_export.export import sha256
+    from gpstoken_core.files import sha256_file as sha256
 
     result = subprocess.run(
         [sys.executable, "-m", "gpstoken.cli", "export", "--out", str(tmp_path / "exp")],
@@ -127,7 +127,7 @@ def test_export_command_writes_a_complete_folder(tmp_path, photos):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
-    assert manifest["custom_op"]["domain"] == "gpstoken" and manifest["decode_mode"] == "single"
+    assert manifest["custom_op"]["domain"] == "gpstoken" and manifest["decode_mode"] == "tiles"  # the shipped model's
     for entry in manifest["files"].values():
         assert sha256(tmp_path / "exp" / entry["path"]) == entry["sha256"]
     assert manifest["files"]["decoder"]["outputs"]["image"]["shape"][1] == 3
@@ -154,7 +154,7 @@ def test_merged_high_resolution_decoder(model, tmp_path):
     image = center_crop_resize(bundled_photo("astronaut"), 512)
     with torch.inference_mode():
         tokens = model.encode(image)
-        ref = model.decode(tokens).numpy()
+        ref = model.decode(tokens, "merged").numpy()
     export_decoder(model, tmp_path / "d512.onnx", (512, 512), 512, grid=(2, 2))
     out = ort.InferenceSession(str(tmp_path / "d512.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"g": tokens.image_g().numpy(), "f": tokens.f.numpy()}

@@ -13,7 +13,7 @@ from gpstoken import GPSTokenizer, partition
 from gpstoken.checkpoint import CheckpointError
 from gpstoken.generation import GPSGenerator, SiT, preset
 from gpstoken.generation.layouts import LayoutBank, calibrate_layouts
-from gpstoken.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
 
 @pytest.fixture(autouse=True)

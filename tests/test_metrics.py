@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from gpstoken.checkpoint import CheckpointError
-from gpstoken.metrics import psnr, ssim
+from gpstoken_core.metrics import psnr, ssim
 from gpstoken.perceptual import LPIPS, InceptionFeatures, frechet_distance
 
 

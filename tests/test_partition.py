@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import _gpstoken_partition as native
-from gpstoken.imageio import ImageError, bundled_photo, center_crop_resize
-from gpstoken.partition import calibrate, partition, priority_from_boxes, priority_from_mask
+from gpstoken_core.imageio import ImageError, bundled_photo, center_crop_resize
+from gpstoken_core.partition import calibrate, partition, priority_from_boxes, priority_from_mask
 
 _spec = importlib.util.spec_from_file_location("partition_reference", Path(__file__).with_name("partition_reference.py"))
 reference = importlib.util.module_from_spec(_spec)

@@ -15,7 +15,7 @@ from gpstoken_export.export import export_model
 from PIL import Image
 
 import gpstoken
-from gpstoken.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
 SHIPPED = Path(gpstoken.__file__).parent / "weights" / "tiny"
 
@@ -76,8 +76,8 @@ def test_runtime_only_wheel_needs_neither_torch_nor_gpstoken(exported, photos, t
     requires = [line.split(":", 1)[1].strip().lower() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert not any(r.startswith("torch") for r in requires), requires
     assert any(r.startswith("onnxruntime") for r in requires)
-    assert any(n.startswith("gpstoken_runtime/_shared/_gpstoken_partition") for n in names), names
-    assert not any(n.startswith("gpstoken/") for n in names)  # no clash with the full package
+    assert any(n.startswith("gpstoken_core/_gpstoken_partition") for n in names), names
+    assert not any(n.startswith(("gpstoken/", "gpstoken_export/")) for n in names)  # no clash with the full package
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
         capture_output=True, text=True, timeout=300,
@@ -88,6 +88,8 @@ def test_runtime_only_wheel_needs_neither_torch_nor_gpstoken(exported, photos, t
     script = f"""
 import sys
 sys.path.insert(0, {str(tmp_path / "site")!r})
+# a development (editable) install redirects imports ahead of sys.path: only the wheel may answer here
+sys.meta_path = [f for f in sys.meta_path if "ScikitBuildRedirectingFinder" not in type(f).__name__]
 for blocked in ("torch", "gpstoken", "_gpstoken_partition", "skimage"):
     sys.modules[blocked] = None
 import numpy as np
@@ -142,16 +144,61 @@ def test_bad_exports_and_inputs(exported, tmp_path, photos):
         Tokenizer.load(broken)
 
     tok = Tokenizer.load(exported)
-    from gpstoken.imageio import ImageError
+    from gpstoken_core.imageio import ImageError
 
-    with pytest.raises(ImageError, match="takes 256x256 images, got 128x128"):
-        tok.encode(photos[0, :128, :128])
+    small = tok.encode(photos[0, :128, :128])  # any size encodes (one 128x128 tile); decoding needs its graph
+    with pytest.raises(ExportError, match=r"no decoder for 128x128 images.*gpstoken export --sizes 128x128"):
+        tok.decode(small)
     with pytest.raises(ImageError, match="share one size"):
         tok.encode([photos[0], photos[0, :100]])
     tokens = tok.encode(photos[:1])
     tokens.f[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         tok.decode(tokens)
+
+
+@pytest.fixture(scope="module")
+def exported_large(tmp_path_factory) -> Path:
+    model = gpstoken.GPSTokenizer.from_pretrained(SHIPPED)
+    return export_model(model, tmp_path_factory.mktemp("exp") / "large", sizes=[(256, 256), (512, 512), (400, 600)])
+
+
+@pytest.mark.parametrize("size", [(512, 512), (400, 600)])
+def test_runtime_handles_large_images_like_the_library(exported_large, size):
+    """Images of several tiles (4 x 256 and 6 x 200x200): the runtime partitions, encodes per tile and
+    decodes in both modes as GPSTokenizer does (per-tile graphs and the merged graph of the export)."""
+    from gpstoken_core.manifest import read_manifest
+    from gpstoken_runtime import Tokenizer
+
+    names = set(read_manifest(exported_large)["files"])
+    assert {"encoder", "decoder", "decoder_512x512_grid2x2", "decoder_600x400_grid3x2", "decoder_200x200"} == names
+    images = np.stack([center_crop_resize(bundled_photo(n), size) for n in ("coffee", "astronaut")])
+    model = gpstoken.GPSTokenizer.from_pretrained(SHIPPED)
+    tok = Tokenizer.load(exported_large)
+    tokens = tok.encode(images)
+    with torch.inference_mode():
+        ref_tokens = model.encode(images)
+    assert tokens.image_size == size and len(tokens.tiles) == (4 if size == (512, 512) else 6)
+    np.testing.assert_array_equal(tokens.tile_index, ref_tokens.tile_ids.numpy())
+    # ORT and torch run the batched tiles' float32 convolutions differently: up to 1.6e-4 seen on g (sigma,
+    # rho, means; 1e-4 of the tile is 0.03 px), well inside what changes a grey level of the decode
+    np.testing.assert_allclose(tokens.g, ref_tokens.g.numpy(), rtol=1e-4, atol=5e-4)
+    np.testing.assert_allclose(tokens.f, ref_tokens.f.numpy(), rtol=1e-3, atol=1e-2)
+    from gpstoken_runtime import Tokens as RuntimeTokens
+
+    same = RuntimeTokens(g=ref_tokens.g.numpy(), f=ref_tokens.f.numpy(), g_init=ref_tokens.g_init.numpy(), image_size=size,
+                         tiles=np.array(ref_tokens.tile_boxes), tile_index=ref_tokens.tile_ids.numpy())  # fmt: skip
+    for mode in ("merged", "tiles"):
+        with torch.inference_mode():
+            ref = gpstoken.to_uint8(model.decode(ref_tokens, mode))
+        # the decoder graphs on the library's tokens: a few rounding flips at most
+        diff = np.abs(tok.decode(same, mode=mode).astype(int) - ref.astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (mode, diff.max(), (diff > 0).mean())
+        # end to end (the encoders' float32 differences above included): within one grey level
+        got = tok.decode(tokens, mode=mode)
+        assert got.shape == (2, *size, 3) and np.abs(got.astype(int) - ref.astype(int)).max() <= 1, mode
+    assert tok.decode_mode == "tiles"  # the shipped model's default, from the manifest
+    np.testing.assert_array_equal(tok.decode(tokens), tok.decode(tokens, mode="tiles"))
 
 
 def test_polygraphy_parity_passes_and_can_fail(exported):

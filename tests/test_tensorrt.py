@@ -20,12 +20,13 @@ import pytest
 import torch
 from gpstoken_export import build_engine, trt_parity
 from gpstoken_export.export import export_model
+from gpstoken_core.manifest import tensorrt_section, write_manifest
 from gpstoken_export.splat_function import splat_nodes
 from onnx import helper
 from PIL import Image
 
 import gpstoken
-from gpstoken.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = Path(gpstoken.__file__).parent / "weights" / "tiny"
@@ -114,14 +115,16 @@ def test_optimization_profiles(exported):
     profiles = build_engine.optimization_profiles(manifest, max_batch=8, opt_batch=2)
     assert profiles["decoder"]["g"] == ((1, 1, 5), (2, 128, 5), (8, 256, 5))
     assert profiles["decoder"]["f"] == ((1, 1, 16), (2, 128, 16), (8, 256, 16))
-    assert profiles["encoder"]["image"] == ((1, 3, 256, 256), (2, 3, 256, 256), (8, 3, 256, 256))
+    assert profiles["encoder"]["image"] == ((1, 3, 16, 16), (2, 3, 256, 256), (8, 3, 256, 256))  # tiles of 16..256
     assert profiles["encoder"]["boxes"] == ((1, 1, 4), (2, 128, 4), (8, 256, 4))
     # 512x512 merged decoding: 4 tiles -> the encoder sees 4x the batch, the decoder 4x the tokens
     merged = json.loads(json.dumps(manifest))
-    merged.update(grid=[2, 2], decode_mode="merged")
+    merged["sizes"] = [[512, 512]]
+    merged["files"]["decoder_512x512_grid2x2"] = {**merged["files"]["decoder"], "image_size": [512, 512], "grid": [2, 2]}
     p = build_engine.optimization_profiles(merged, max_batch=2, max_tokens=128)
     assert p["encoder"]["g_init"] == ((1, 1, 5), (4, 128, 5), (8, 128, 5))
-    assert p["decoder"]["g"] == ((1, 1, 5), (1, 512, 5), (2, 512, 5))
+    assert p["decoder_512x512_grid2x2"]["g"] == ((1, 1, 5), (1, 512, 5), (2, 512, 5))
+    assert p["decoder"]["g"] == ((1, 1, 5), (1, 128, 5), (2, 128, 5))  # the single-tile decoder of the same export
     with pytest.raises(ValueError, match="max_tokens"):
         build_engine.optimization_profiles(manifest, max_tokens=64)
     with pytest.raises(ValueError, match="opt_batch"):
@@ -217,7 +220,7 @@ def test_float16_splat_function_accumulates_in_float32():
 # ---- without TensorRT: clear errors --------------------------------------------------------------------
 def test_tensorrt_backend_errors_name_what_is_missing(exported, tmp_path, capsys):
     from gpstoken_runtime import ExportError, Tokenizer
-    from gpstoken_runtime.tensorrt_backend import (
+    from gpstoken_runtime.backends.tensorrt import (
         EngineMismatch,
         TensorRTUnavailable,
         check_engine_compatibility,
@@ -239,7 +242,7 @@ def test_tensorrt_backend_errors_name_what_is_missing(exported, tmp_path, capsys
         check_engine_compatibility(None, "11.1.0", "x", (9, 0))
 
     # Feeds are checked against the engine's profile and dtypes before anything reaches TensorRT.
-    from gpstoken_runtime.tensorrt_backend import TensorRTBackend
+    from gpstoken_runtime.backends.tensorrt import TensorRTBackend
 
     backend = object.__new__(TensorRTBackend)  # the checks need only the engine's recorded profile and dtypes
     backend.dtypes = {"g": np.float16}
@@ -259,13 +262,13 @@ def test_tensorrt_backend_errors_name_what_is_missing(exported, tmp_path, capsys
     for graph in ("encoder", "decoder"):
         (folder / f"{graph}.engine").write_bytes(b"not an engine " + graph.encode())
     engines = {g: folder / f"{g}.engine" for g in ("encoder", "decoder")}
-    manifest["tensorrt"] = build_engine.tensorrt_manifest_section("11.1.0", "GPU", (9, 0), Path("libgpstoken_trt.so"), {}, engines)
-    build_engine.write_manifest_atomically(folder, manifest)
+    manifest["tensorrt"] = tensorrt_section("11.1.0", "GPU", (9, 0), Path("libgpstoken_trt.so"), {}, engines)
+    write_manifest(folder, manifest)
     script = f"""
 import sys
 sys.modules["tensorrt"] = None
 from gpstoken_runtime import Tokenizer
-from gpstoken_runtime.tensorrt_backend import TensorRTUnavailable
+from gpstoken_runtime.backends.tensorrt import TensorRTUnavailable
 try:
     Tokenizer.load({str(folder)!r}, backend="tensorrt")
 except TensorRTUnavailable as err:
@@ -310,7 +313,7 @@ def test_tensorrt_backend_data_path_with_stand_in_tensorrt(exported, photos, tmp
     reconstructions equal the ONNX Runtime backend's. (TensorRT itself is not exercised.)"""
     import fake_tensorrt
     from gpstoken_runtime import Tokenizer
-    from gpstoken_runtime.tensorrt_backend import EngineMismatch
+    from gpstoken_runtime.backends.tensorrt import EngineMismatch
 
     state = fake_tensorrt.install(monkeypatch)
     folder = tmp_path / "engines"
@@ -323,8 +326,8 @@ def test_tensorrt_backend_data_path_with_stand_in_tensorrt(exported, photos, tmp
         engines[graph].write_bytes(fake_tensorrt.engine_bytes(folder / f"{graph}.onnx", profiles[graph]))
     plugin = tmp_path / "libgpstoken_trt.so"
     plugin.write_bytes(b"\x7fELF")
-    manifest["tensorrt"] = build_engine.tensorrt_manifest_section(fake_tensorrt.VERSION, *fake_tensorrt.GPU, plugin, profiles, engines)
-    build_engine.write_manifest_atomically(folder, manifest)
+    manifest["tensorrt"] = tensorrt_section(fake_tensorrt.VERSION, *fake_tensorrt.GPU, plugin, profiles, engines)
+    write_manifest(folder, manifest)
 
     reference = Tokenizer.load(folder).reconstruct(photos).astype(int)  # ONNX Runtime backend
     plain = Tokenizer.load(folder, backend="tensorrt", plugin_library=plugin)
@@ -348,6 +351,6 @@ def test_tensorrt_backend_data_path_with_stand_in_tensorrt(exported, photos, tmp
         plain.reconstruct(np.concatenate([photos, photos[:1]]))  # batch 3 > the profile's 2
 
     manifest["tensorrt"]["gpu"] = "Another GPU"
-    build_engine.write_manifest_atomically(folder, manifest)
+    write_manifest(folder, manifest)
     with pytest.raises(EngineMismatch, match="built on Another GPU.*this GPU is Fake GPU"):
         Tokenizer.load(folder, backend="tensorrt", plugin_library=plugin)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from official_decoder_reference import decoder_np_forward
 from official_layout import official_shapes, official_state_dict
 
 import gpstoken
@@ -18,7 +19,7 @@ from gpstoken.checkpoint import CheckpointError
 from gpstoken.config import DecoderConfig, TokenizerConfig, preset
 from gpstoken.convert import convert_official_state_dict
 from gpstoken.encoder import SelfAttention, refine
-from gpstoken.imageio import ImageError, bundled_photo, center_crop_resize
+from gpstoken_core.imageio import ImageError, bundled_photo, center_crop_resize
 from gpstoken.layers import TiledGroupNorm
 from gpstoken.roi_align import roi_align
 from gpstoken.tokenizer import GPSTokenizer
@@ -332,7 +333,7 @@ def test_high_resolution_uses_tiles_and_official_merging(tiny_model):
 
 def test_per_tile_decoding_stitches_independent_tiles(photo256):
     torch.manual_seed(0)
-    cfg = dataclasses.replace(preset("tiny"), merge_tiles=False)  # the official L256 mode
+    cfg = dataclasses.replace(preset("tiny"), decode_mode="tiles")  # the official L256 mode
     model = GPSTokenizer(cfg).eval()
     image = center_crop_resize(bundled_photo("coffee"), 512)
     with torch.inference_mode():
@@ -342,6 +343,81 @@ def test_per_tile_decoding_stitches_independent_tiles(photo256):
         # tile 1 (top right) on its own: dense reference splat at 64x64, then the CNN
         tile1 = model.decoder(gpstoken.splat_reference(tokens.g[:, sel], tokens.f[:, sel], (64, 64)))
     torch.testing.assert_close(out[:, :, :256, 256:], tile1, rtol=1e-4, atol=1e-4)
+
+
+def _merged_test_model():
+    """Small official-structure model (mid attention on) with 64-pixel tiles, random official-layout weights
+    converted to ours, in float64."""
+    cfg = TokenizerConfig(
+        name="merged-test", tokens_per_tile=12, feature_channels=8, tile=64,
+        encoder=dataclasses.replace(preset("tiny").encoder, depth=1),
+        decoder=DecoderConfig(channels=16, channel_mult=(1, 2, 4), res_blocks=1, mid_attention=True, groups=8),
+    )
+    official = {k: v.double() for k, v in official_state_dict(cfg, seed=3).items()}
+    model = GPSTokenizer(cfg).double().eval()
+    model.load_weights(convert_official_state_dict(official, cfg))
+    return cfg, official, model
+
+
+def _random_tile_tokens(grid, per_tile, channels, tile, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ny, nx = grid
+    n = ny * nx * per_tile
+    g = torch.cat(
+        [
+            torch.rand(1, n, 2, generator=gen, dtype=torch.float64) * 0.3 + 0.05,
+            torch.rand(1, n, 1, generator=gen, dtype=torch.float64) * 1.6 - 0.8,
+            torch.rand(1, n, 2, generator=gen, dtype=torch.float64) * 2 - 1,
+        ],
+        -1,
+    )
+    f = torch.randn(1, n, channels, generator=gen, dtype=torch.float64)
+    tiles = tuple((j * tile, i * tile, (j + 1) * tile - 1, (i + 1) * tile - 1) for i in range(ny) for j in range(nx))
+    index = torch.arange(ny * nx).repeat_interleave(per_tile)
+    return Tokens(g=g, f=f, image_size=(ny * tile, nx * tile), tiles=tiles, tile_index=index)
+
+
+def test_merged_decoding_equals_the_official_decoder_np():
+    """2x2 merged decode == the official DecoderNP forward (per-tile interpolated statistics in every norm
+    but the final one, which uses the whole map; mid attention per tile), written independently."""
+    cfg, official, model = _merged_test_model()
+    tokens = _random_tile_tokens((2, 2), cfg.tokens_per_tile, cfg.feature_channels, cfg.tile)
+    with torch.inference_mode():
+        ours = model.decode(tokens, mode="merged")
+        # official token merging (sigma / np, x' = -1 + (2j + x + 1) / np), then one render of the whole map
+        k = tokens.tile_ids.double()
+        i, j = (k // 2)[None], (k % 2)[None]
+        g = tokens.g
+        merged = torch.stack([g[..., 0] / 2, g[..., 1] / 2, g[..., 2], -1 + (2 * j + g[..., 3] + 1) / 2, -1 + (2 * i + g[..., 4] + 1) / 2], -1)
+        feature_map = gpstoken.splat_reference(merged, tokens.f, (32, 32), cfg.support)
+        ref = decoder_np_forward(official, feature_map, 2, levels=3, res_blocks=1, groups=8)
+        # the reference at np = 1 on one tile's tokens equals our single-tile decode
+        one = tokens.keep((tokens.tile_ids == 3).nonzero().squeeze(1))
+        single = model.decode_single(one.g, one.f, (64, 64))
+        single_ref = decoder_np_forward(official, gpstoken.splat_reference(one.g, one.f, (16, 16), cfg.support), 1, 3, 1, 8)
+    assert ours.shape == ref.shape == (1, 3, 128, 128)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(single, single_ref, rtol=1e-9, atol=1e-9)
+    # the final norm matters: with per-tile statistics there (our earlier decoder) the test fails
+    norm = model.decoder.norm_out
+    norm.forward = lambda x, grid=(1, 1): TiledGroupNorm.forward(norm, x, (2, 2))
+    with torch.inference_mode():
+        per_tile_final = model.decode(tokens, mode="merged")
+    assert (per_tile_final - ref).abs().max() > 1e-3
+
+
+def test_decode_mode_argument_overrides_the_config():
+    cfg, _, model = _merged_test_model()
+    tokens = _random_tile_tokens((1, 2), cfg.tokens_per_tile, cfg.feature_channels, cfg.tile, seed=1)
+    with torch.inference_mode():
+        merged, tiles = model.decode(tokens, mode="merged"), model.decode(tokens, mode="tiles")
+        default = model.decode(tokens)
+        left = model.decode_single(tokens.g[:, :12], tokens.f[:, :12], (64, 64))
+    assert cfg.decode_mode == "merged" and torch.equal(default, merged)
+    torch.testing.assert_close(tiles[..., :64], left, rtol=1e-12, atol=1e-12)
+    assert (merged - tiles).abs().max() > 1e-3  # the two modes really differ
+    with pytest.raises(ValueError, match="decode mode must be one of merged, tiles"):
+        model.decode(tokens, mode="stitched")
 
 
 @pytest.mark.parametrize("size", [(256, 320), (200, 300), (96, 128)])

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from gpstoken.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["-m", "training.train_tokenizer"]  # run from ROOT, as the README says

@@ -1,4 +1,5 @@
-"""Build TensorRT engines for an export folder: ``encoder.engine`` and ``decoder.engine`` next to the ONNX files.
+"""Build TensorRT engines for an export folder: one ``NAME.engine`` per ONNX graph (``encoder.engine``,
+``decoder.engine``, and one per further decoder graph), next to the ONNX files.
 
     python -m gpstoken_export.build_engine EXPORT_DIR [--plugin libgpstoken_trt.so] [--max-batch 8]
     gpstoken export --model DIR --out EXPORT_DIR --tensorrt
@@ -16,13 +17,12 @@ Everything but the build itself (profiles, plugin lookup, manifest update) is pl
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-from gpstoken_runtime.tensorrt_backend import (
+from gpstoken_core.files import atomic_write_bytes
+from gpstoken_core.manifest import ENCODER, read_manifest, tensorrt_section, write_manifest
+from gpstoken_core.tensorrt import (
     PLUGIN_ENV,
     PLUGIN_LIBRARY,
     TensorRTUnavailable,
@@ -31,7 +31,10 @@ from gpstoken_runtime.tensorrt_backend import (
     import_tensorrt,
     load_plugin,
 )
-from gpstoken_runtime.tokenizer import read_manifest, sha256_file
+
+from gpstoken_core.tiling import tile_grid
+
+from .splat_function import SPLAT_ATTRIBUTES
 
 
 def _resolve(shape: list, sizes: dict[str, int]) -> tuple[int, ...]:
@@ -39,53 +42,35 @@ def _resolve(shape: list, sizes: dict[str, int]) -> tuple[int, ...]:
 
 
 def optimization_profiles(manifest: dict, max_batch: int = 8, opt_batch: int = 1, max_tokens: int | None = None) -> dict:
-    """{graph: {input: (min, opt, max)}} for the export's dynamic dims ("batch", "tokens").
+    """{graph: {input: (min, opt, max)}} for the export's dynamic dims ("batch", "tokens", "height", "width").
 
-    The encoder runs one 256 tile per batch item, so its batch bound is max_batch x tiles per image; the
-    decoder (single/merged) sees all of an image's tokens, so its token bound is max_tokens x tiles."""
+    The encoder runs tiles (any size up to the model's tile; the runtime batches a size's tiles), so its
+    batch bound is max_batch x the most tiles of one size among the export's sizes; a decoder over a grid
+    of n tiles sees all their tokens, so its token bound is max_tokens x n."""
     if not 1 <= opt_batch <= max_batch:
         raise ValueError(f"need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}")
     per_tile = int(manifest["tokens_per_tile"])
     max_tokens = max_tokens or 2 * per_tile
     if max_tokens < per_tile:
         raise ValueError(f"max_tokens ({max_tokens}) is below the export's tokens per tile ({per_tile})")
-    tiles = int(manifest["grid"][0]) * int(manifest["grid"][1])
-    mode = manifest["decode_mode"]
-    bounds = {
-        "encoder": {"batch": (1, opt_batch * tiles, max_batch * tiles), "tokens": (1, per_tile, max_tokens)},
-        "decoder": (
-            {"batch": (1, opt_batch, max_batch), "tokens": (1, per_tile * tiles, max_tokens * tiles)}
-            if mode in ("single", "merged")
-            else {"batch": (1, opt_batch * tiles, max_batch * tiles), "tokens": (1, per_tile, max_tokens)}
-        ),
-    }
+    tile = int(manifest["tile"])
+    sizes = manifest.get("sizes") or [[tile, tile]]
+    tiles = max(len(tile_grid(h, w, tile)) for h, w in sizes)
+    min_side = 2 * int(manifest["model_config"]["min_region"])
+    bounds = {ENCODER: {"batch": (1, opt_batch * tiles, max_batch * tiles), "tokens": (1, per_tile, max_tokens),
+                        "height": (min_side, tile, tile), "width": (min_side, tile, tile)}}
+    for name, entry in manifest["files"].items():
+        if name != ENCODER:
+            n = entry["grid"][0] * entry["grid"][1]
+            bounds[name] = {"batch": (1, opt_batch, max_batch), "tokens": (1, per_tile * n, max_tokens * n)}
     profiles = {}
-    for graph in ("encoder", "decoder"):
-        lo, opt, hi = ({k: v[i] for k, v in bounds[graph].items()} for i in range(3))
+    for graph, dims in bounds.items():
+        lo, opt, hi = ({k: v[i] for k, v in dims.items()} for i in range(3))
         profiles[graph] = {
             name: (_resolve(io["shape"], lo), _resolve(io["shape"], opt), _resolve(io["shape"], hi))
             for name, io in manifest["files"][graph]["inputs"].items()
         }
     return profiles
-
-
-def tensorrt_manifest_section(trt_version: str, gpu_name: str, compute_capability: tuple[int, int], plugin: Path,
-                              profiles: dict, engines: dict[str, Path]) -> dict:
-    return {
-        "version": trt_version,
-        "gpu": gpu_name,
-        "compute_capability": f"{compute_capability[0]}.{compute_capability[1]}",
-        "plugin": {"name": "GaussianSplat", "version": "1", "library": plugin.name},
-        "profiles": {g: {n: [list(s) for s in shapes] for n, shapes in p.items()} for g, p in profiles.items()},
-        "files": {g: {"path": p.name, "sha256": sha256_file(p)} for g, p in engines.items()},
-    }
-
-
-def write_manifest_atomically(folder: Path, manifest: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=folder)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(manifest, fh, indent=1)
-    os.replace(tmp, folder / "manifest.json")
 
 
 def onnx_for_tensorrt(path: Path):
@@ -98,14 +83,14 @@ def onnx_for_tensorrt(path: Path):
     drop_splat_function(model)
     for node in splat_nodes(model):
         names = {a.name for a in node.attribute}
-        if not {"height", "width", "support"} <= names:
-            raise ValueError(f"{path}: GaussianSplat node {node.name!r} lacks attributes {sorted({'height', 'width', 'support'} - names)}")
+        if not set(SPLAT_ATTRIBUTES) <= names:
+            raise ValueError(f"{path}: GaussianSplat node {node.name!r} lacks attributes {sorted(set(SPLAT_ATTRIBUTES) - names)}")
     return model
 
 
 def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batch: int = 8, opt_batch: int = 1,
                   max_tokens: int | None = None, workspace_gib: float = 4.0, verbose: bool = False) -> Path:
-    """Build ``encoder.engine`` and ``decoder.engine`` in ``folder`` and record them in its manifest."""
+    """Build one engine per graph of ``folder`` (``NAME.engine``) and record them in its manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     profiles = optimization_profiles(manifest, max_batch, opt_batch, max_tokens)
@@ -116,7 +101,7 @@ def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batc
     load_plugin(trt, plugin_path)  # once per process: TensorRT refuses a second registration
     cache_path = folder / "timing.cache"
     engines = {}
-    for graph in ("encoder", "decoder"):
+    for graph in manifest["files"]:
         onnx_path = folder / manifest["files"][graph]["path"]
         model = onnx_for_tensorrt(onnx_path)
         builder = trt.Builder(logger)
@@ -139,13 +124,11 @@ def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batc
         if plan is None:
             raise RuntimeError(f"{onnx_path}: TensorRT engine build failed (see the log above)")
         engine_path = folder / f"{graph}.engine"
-        tmp = engine_path.with_name(f".{engine_path.name}.tmp")
-        tmp.write_bytes(bytes(plan))
-        os.replace(tmp, engine_path)
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(engine_path, bytes(plan))
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
         engines[graph] = engine_path
-    manifest["tensorrt"] = tensorrt_manifest_section(trt.__version__, gpu_name, capability, plugin_path, profiles, engines)
-    write_manifest_atomically(folder, manifest)
+    manifest["tensorrt"] = tensorrt_section(trt.__version__, gpu_name, capability, plugin_path, profiles, engines)
+    write_manifest(folder, manifest)
     return folder
 
 
@@ -164,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except (TensorRTUnavailable, ValueError, RuntimeError) as err:
         print(f"build_engine: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out}/encoder.engine, {out}/decoder.engine; manifest.json has the tensorrt section")
+    print(f"wrote the engines to {out}/ (one NAME.engine per graph); manifest.json has the tensorrt section")
     return 0
 
 

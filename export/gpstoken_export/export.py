@@ -1,18 +1,16 @@
-"""``gpstoken export``: a folder with encoder.onnx, decoder.onnx and manifest.json, written atomically.
+"""``gpstoken export``: a folder with encoder.onnx, decoder graphs and manifest.json, written atomically.
 
-encoder.onnx: (image (B, 3, T, T) in [-1, 1], g_init (B, L, 5), boxes (B, L, 4)) -> (g, f) for one tile
-(T = the model's tile, 256); the runtime partitions images (C++) and encodes tile by tile.
-decoder.onnx: (g (B, L, 5) in whole-image coordinates, f (B, L, C)) -> image (B, 3, H, W) for the exported
-image size (one tile: H = W = 256; larger sizes decode all tiles' tokens as one map, as S64/M128 do;
-L256-style models decode tile by tile with a tile-size graph). Batch and token count are dynamic.
+encoder.onnx: (image (B, 3, h, w) in [-1, 1], g_init (B, L, 5), boxes (B, L, 4)) -> (g, f) for one tile
+of any size up to the model's tile (256); the runtime partitions images (C++) and encodes tile by tile.
+Decoder graphs: (g (B, L, 5) in the output's coordinates, f (B, L, C)) -> image (B, 3, H, W) for one
+``gpstoken_core.tiling.DecoderSpec`` each (output size + normalization grid): ``decoder.onnx`` for one
+tile, plus what the requested ``sizes`` need in each decode mode (a merged decoder per multi-tile size,
+a per-tile decoder per tile size). Batch and token count are dynamic. The manifest's schema is
+``gpstoken_core.manifest``.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -20,14 +18,12 @@ import torch
 
 import gpstoken
 from gpstoken.tokenizer import GPSTokenizer
-
-from gpstoken_runtime.tokenizer import sha256_file as sha256
+from gpstoken_core.files import atomic_folder
+from gpstoken_core.manifest import ENCODER, graph_entry, write_manifest
+from gpstoken_core.tiling import DECODE_MODES, DecoderSpec, decoder_specs
 
 from .onnx_export import export_decoder, export_encoder, to_float16
-from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE
-
-MANIFEST_FORMAT = "gpstoken-export"
-MANIFEST_VERSION = 1
+from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, SPLAT_ATTRIBUTES
 
 
 def _io(model: onnx.ModelProto) -> dict:
@@ -42,63 +38,61 @@ def _io(model: onnx.ModelProto) -> dict:
 
 
 DTYPES = ("float32", "float16")
+PRIMARY_DECODER = "decoder"  # the single-tile decoder's graph name (decoder.onnx)
 
 
-def export_model(model: GPSTokenizer, out: str | Path, image_size: tuple[int, int] = (256, 256), dtype: str = "float32") -> Path:
-    """Export ``model`` for images of ``image_size`` (multiples of the tile) into the folder ``out``.
+def graph_name(spec: DecoderSpec, tile: int) -> str:
+    return PRIMARY_DECODER if spec == DecoderSpec((tile, tile)) else spec.name
 
-    ``dtype="float16"``: both graphs in float16 (inputs, outputs, weights, the splat node), as TensorRT 11
+
+def export_model(
+    model: GPSTokenizer,
+    out: str | Path,
+    sizes=((256, 256),),
+    dtype: str = "float32",
+    decode_modes=DECODE_MODES,
+) -> Path:
+    """Export ``model`` into the folder ``out`` for images of ``sizes`` ((H, W) pairs; any size the
+    library takes), with decoder graphs for each size in each of ``decode_modes``.
+
+    ``dtype="float16"``: all graphs in float16 (inputs, outputs, weights, the splat node), as TensorRT 11
     needs for an fp16 engine; normalization statistics stay float32."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    out = Path(out)
     cfg = model.config
-    h, w = (int(v) for v in image_size)
-    if h % cfg.tile or w % cfg.tile:
-        raise ValueError(f"image size {h}x{w} must be a multiple of the model's tile ({cfg.tile})")
-    grid = (h // cfg.tile, w // cfg.tile)
-    if grid == (1, 1):
-        decode_mode, decoder_size = "single", (h, w)
-    elif cfg.merge_tiles:
-        decode_mode, decoder_size = "merged", (h, w)
-    else:
-        decode_mode, decoder_size = "per_tile", (cfg.tile, cfg.tile)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: exists and is not empty; choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model = model.eval().float().cpu()
-        tokens = cfg.tokens_per_tile
-        enc = export_encoder(model, tmp / "encoder.onnx", (cfg.tile, cfg.tile), tokens)
-        dec = export_decoder(model, tmp / "decoder.onnx", decoder_size, tokens, grid if decode_mode == "merged" else (1, 1))
+    sizes = [(int(h), int(w)) for h, w in (sizes if sizes else [(cfg.tile, cfg.tile)])]
+    for h, w in sizes:
+        if h < 2 * cfg.min_region or w < 2 * cfg.min_region:
+            raise ValueError(f"image size {w}x{h} is too small: both sides must be >= {2 * cfg.min_region}")
+    specs: dict[DecoderSpec, None] = {DecoderSpec((cfg.tile, cfg.tile)): None}
+    for size in sizes:
+        for mode in decode_modes:
+            for spec in decoder_specs(size, cfg.tile, mode):
+                specs.setdefault(spec)
+    model = model.eval().float().cpu()
+    tokens = cfg.tokens_per_tile
+    with atomic_folder(out) as tmp:
+        graphs = {ENCODER: (export_encoder(model, tmp / "encoder.onnx", (cfg.tile, cfg.tile), tokens), None)}
+        for spec in specs:
+            name = graph_name(spec, cfg.tile)
+            tiles = spec.grid[0] * spec.grid[1]
+            graphs[name] = (export_decoder(model, tmp / f"{name}.onnx", spec.image_size, tokens * tiles, spec.grid), spec)
         if dtype == "float16":
-            enc, dec = to_float16(tmp / "encoder.onnx"), to_float16(tmp / "decoder.onnx")
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "version": MANIFEST_VERSION,
-            "model_config": cfg.to_dict(),
-            "image_size": [h, w],
-            "tile": cfg.tile,
-            "grid": list(grid),
-            "tokens_per_tile": tokens,
-            "feature_channels": cfg.feature_channels,
-            "decode_mode": decode_mode,
-            "dtype": dtype,
-            "custom_op": {"domain": DOMAIN, "name": OP_TYPE, "version": DOMAIN_VERSION, "attributes": ["height", "width", "support"]},
-            "onnx_opset": ONNX_OPSET,
-            "exporter": {"gpstoken": gpstoken.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
-            "files": {
-                "encoder": {"path": "encoder.onnx", "sha256": sha256(tmp / "encoder.onnx"), **_io(enc)},
-                "decoder": {"path": "decoder.onnx", "sha256": sha256(tmp / "decoder.onnx"), **_io(dec)},
+            graphs = {name: (to_float16(tmp / f"{name}.onnx"), spec) for name, (_, spec) in graphs.items()}
+        write_manifest(
+            tmp,
+            {
+                "model_config": cfg.to_dict(),
+                "tile": cfg.tile,
+                "tokens_per_tile": tokens,
+                "feature_channels": cfg.feature_channels,
+                "decode_mode": cfg.decode_mode,
+                "sizes": [list(s) for s in sizes],
+                "dtype": dtype,
+                "custom_op": {"domain": DOMAIN, "name": OP_TYPE, "version": DOMAIN_VERSION, "attributes": list(SPLAT_ATTRIBUTES)},
+                "onnx_opset": ONNX_OPSET,
+                "exporter": {"gpstoken": gpstoken.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
+                "files": {name: graph_entry(tmp / f"{name}.onnx", _io(proto), spec) for name, (proto, spec) in graphs.items()},
             },
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        )
+    return Path(out)

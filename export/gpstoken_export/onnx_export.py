@@ -130,7 +130,7 @@ class EncoderGraph(nn.Module):
 def export_encoder(model: GPSTokenizer, path: str | Path, image_size=(256, 256), tokens: int = 128) -> onnx.ModelProto:
     import numpy as np
 
-    from gpstoken.imageio import bundled_photo, center_crop_resize
+    from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
     path = Path(path)
     model = model.eval()
@@ -150,7 +150,7 @@ def export_encoder(model: GPSTokenizer, path: str | Path, image_size=(256, 256),
             input_names=["image", "g_init", "boxes"],
             output_names=["g", "f"],
             dynamic_axes={
-                "image": {0: "batch"},
+                "image": {0: "batch", 2: "height", 3: "width"},  # tiles of any size up to the model's tile
                 "g_init": {0: "batch", 1: "tokens"},
                 "boxes": {0: "batch", 1: "tokens"},
                 "g": {0: "batch", 1: "tokens"},

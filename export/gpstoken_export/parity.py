@@ -2,9 +2,10 @@
 
     python -m gpstoken_export.parity EXPORT_DIR [--model MODEL_DIR]      (or `gpstoken export --check`)
 
-Per graph (encoder, decoder) and end to end (partition -> encoder -> decoder), torch (a CPU runner) vs
-ONNX Runtime; prints the max absolute / relative error of each output and fails above tolerance
-(fp32: rtol 1e-4 with atol 1e-4 x the output's scale).
+Per graph (the encoder, every decoder graph at its own output size) and end to end for every size the
+export was made for, in both decode modes (partition -> encoder -> decoder(s): the slim runtime against
+``GPSTokenizer.reconstruct``), torch (a CPU runner) vs ONNX Runtime; prints the max absolute / relative
+error of each output and fails above tolerance (fp32: rtol 1e-4 with atol 1e-4 x the output's scale).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from polygraphy.common import TensorMetadata
 from polygraphy.comparator import Comparator
 from polygraphy.comparator.compare import SimpleCompareFunc
 
-from gpstoken.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.imageio import bundled_photo, center_crop_resize
 from gpstoken.tokenizer import GPSTokenizer
+from gpstoken_core.manifest import ENCODER, decoder_graphs, read_manifest
+from gpstoken_core.tiling import DECODE_MODES, DecoderSpec
 
 from .onnx_export import DecoderGraph, EncoderGraph
 
@@ -59,23 +62,30 @@ class TorchRunner(BaseRunner):
         return OrderedDict((k, v.numpy()) for k, v in zip(self.outputs, out))
 
 
-def _feeds(model: GPSTokenizer, size: int):
-    """Encoder and decoder inputs from real photos (batch of all photos, then one)."""
-    photos = np.stack([center_crop_resize(bundled_photo(n), size) for n in PARITY_PHOTOS])
+def _photos(size: tuple[int, int]) -> np.ndarray:
+    return np.stack([center_crop_resize(bundled_photo(n), size) for n in PARITY_PHOTOS])
+
+
+def _feeds(model: GPSTokenizer, spec: DecoderSpec):
+    """Encoder inputs (tiles of images of ``spec.image_size``) and the decoder inputs of ``spec`` (batch of
+    all photos, then one). A spec's image size cut into tiles gives exactly the spec's grid."""
+    photos = _photos(spec.image_size)
     enc_feeds, dec_feeds = [], []
     for batch in (photos, photos[:1]):
         x, rgb = model.prepare(batch)
         parts = model.partition(rgb)
-        enc = {
-            "image": x.numpy(),
-            "g_init": np.stack([p.g_init for p in parts]).astype(np.float32),
-            "boxes": np.stack([p.boxes for p in parts]).astype(np.float32),
-        }
-        enc_feeds.append(enc)
+        first = parts[0]
+        x0, y0, x1, y1 = first.tiles[0]
+        sel = first.tile_index == 0
+        enc_feeds.append({
+            "image": np.ascontiguousarray(x.numpy()[:, :, y0 : y1 + 1, x0 : x1 + 1]),
+            "g_init": np.stack([p.g_init[sel] for p in parts]).astype(np.float32),
+            "boxes": np.stack([p.boxes[sel] - np.array([x0, y0, x0, y0]) for p in parts]).astype(np.float32),
+        })  # fmt: skip
         with torch.inference_mode():
             tokens = model.encode_partitions(x, parts)
         dec_feeds.append({"g": tokens.image_g().numpy(), "f": tokens.f.numpy()})
-    return photos, enc_feeds, dec_feeds
+    return enc_feeds, dec_feeds
 
 
 def _compare(name: str, runners, feeds, rtol: float, scale_atol: float) -> bool:
@@ -99,42 +109,45 @@ def _compare(name: str, runners, feeds, rtol: float, scale_atol: float) -> bool:
 
 
 def check_export(export_dir: str | Path, model: GPSTokenizer, rtol: float = 1e-4, scale_atol: float = 1e-4) -> bool:
-    """True when the encoder, the decoder and the end-to-end runtime agree with ``model``."""
-    import json
-
+    """True when the encoder, every decoder graph and the end-to-end runtime agree with ``model``."""
     export_dir = Path(export_dir)
-    manifest = json.loads((export_dir / "manifest.json").read_text())
-    h, w = manifest["image_size"]
-    if h != w or manifest["decode_mode"] != "single":
-        raise ValueError("parity checks cover single-tile exports (256x256)")
+    manifest = read_manifest(export_dir)
     model = model.eval().float()
-    photos, enc_feeds, dec_feeds = _feeds(model, h)
-    if manifest.get("dtype", "float32") == "float16":
+    sizes = [tuple(s) for s in manifest["sizes"]]
+    if manifest["dtype"] == "float16":
         # Float16 graphs can't meet float32 tolerances; check the runtime end to end with an fp16 bound.
         print("float16 export: end-to-end check only, atol 5e-2 x the image's scale")
-        return _end_to_end(export_dir, model, photos, rtol=0.0, scale_atol=5e-2)
-    tile = manifest["tile"]
-    enc_torch = TorchRunner(EncoderGraph(model), {"image": (None, 3, tile, tile), "g_init": (None, None, 5), "boxes": (None, None, 4)}, ["g", "f"], "torch-encoder")
-    enc_ort = OnnxrtRunner(SessionFromOnnx(str(export_dir / "encoder.onnx")), name="onnxrt-encoder")
-    ok = _compare("encoder", [enc_torch, enc_ort], enc_feeds, rtol, scale_atol)
-    dec_torch = TorchRunner(DecoderGraph(model, (h, w)), {"g": (None, None, 5), "f": (None, None, model.config.feature_channels)}, ["image"], "torch-decoder")
-    dec_ort = OnnxrtRunner(SessionFromOnnx(str(export_dir / "decoder.onnx")), name="onnxrt-decoder")
-    ok &= _compare("decoder", [dec_torch, dec_ort], dec_feeds, rtol, scale_atol)
+        return all(_end_to_end(export_dir, model, size, mode, rtol=0.0, scale_atol=5e-2) for size in sizes for mode in DECODE_MODES)
+    ok = True
+    channels = model.config.feature_channels
+    for spec, name in decoder_graphs(manifest).items():
+        enc_feeds, dec_feeds = _feeds(model, spec)
+        if spec.grid == (1, 1) and spec.image_size == (manifest["tile"], manifest["tile"]):  # the encoder, at full tile size
+            enc_torch = TorchRunner(EncoderGraph(model), {"image": (None, 3, None, None), "g_init": (None, None, 5), "boxes": (None, None, 4)}, ["g", "f"], "torch-encoder")
+            enc_ort = OnnxrtRunner(SessionFromOnnx(str(export_dir / manifest["files"][ENCODER]["path"])), name="onnxrt-encoder")
+            ok &= _compare("encoder", [enc_torch, enc_ort], enc_feeds, rtol, scale_atol)
+        dec_torch = TorchRunner(DecoderGraph(model, spec.image_size, spec.grid), {"g": (None, None, 5), "f": (None, None, channels)}, ["image"], f"torch-{name}")
+        dec_ort = OnnxrtRunner(SessionFromOnnx(str(export_dir / manifest["files"][name]["path"])), name=f"onnxrt-{name}")
+        ok &= _compare(name, [dec_torch, dec_ort], dec_feeds, rtol, scale_atol)
+    for size in sizes:
+        for mode in DECODE_MODES:
+            ok &= _end_to_end(export_dir, model, size, mode, rtol, scale_atol)
+    return ok
 
-    return ok and _end_to_end(export_dir, model, photos, rtol, scale_atol)
 
+def _end_to_end(export_dir: Path, model: GPSTokenizer, size: tuple[int, int], mode: str, rtol: float, scale_atol: float) -> bool:
+    """The runtime (partition + all graphs) against GPSTokenizer.reconstruct on photos of ``size``."""
+    from gpstoken_runtime import Tokenizer  # the parity tool checks the deployed runtime itself
 
-def _end_to_end(export_dir: Path, model: GPSTokenizer, photos: np.ndarray, rtol: float, scale_atol: float) -> bool:
-    """The runtime (partition + both graphs) against GPSTokenizer.reconstruct."""
-    from gpstoken_runtime import Tokenizer
-
+    photos = _photos(size)
     runtime = Tokenizer.load(export_dir)
-    got = runtime.decode(runtime.encode(photos), as_uint8=False)
+    got = runtime.decode(runtime.encode(photos), as_uint8=False, mode=mode)
     with torch.inference_mode():
-        ref = model.reconstruct(photos).numpy()
+        ref = model.reconstruct(photos, decode_mode=mode).numpy()
     atol = scale_atol * float(np.abs(ref).max())
     passed = np.allclose(got, ref, rtol=rtol, atol=atol)
-    print(f"end2end  batch {len(photos)} image  max abs {float(np.abs(got - ref).max()):.3g}  {'PASS' if passed else 'FAIL'}")
+    h, w = size
+    print(f"end2end  {w}x{h} {mode:6} batch {len(photos)}  max abs {float(np.abs(got - ref).max()):.3g}  {'PASS' if passed else 'FAIL'}")
     return bool(passed)
 
 

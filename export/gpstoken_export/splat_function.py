@@ -17,6 +17,7 @@ DOMAIN = "gpstoken"
 OP_TYPE = "GaussianSplat"
 DOMAIN_VERSION = 1
 ONNX_OPSET = 18  # the exported models' ai.onnx opset; the function body must use the same
+SPLAT_ATTRIBUTES = ("height", "width", "support")  # what the TensorRT plugin's fields and the ORT op read
 
 
 def _ref(name: str, value_attr: str, attr_type, ref: str) -> onnx.NodeProto:
@@ -93,7 +94,7 @@ def splat_function() -> onnx.FunctionProto:
         outputs=["rendered"],
         nodes=nodes,
         opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
-        attributes=["height", "width", "support"],
+        attributes=list(SPLAT_ATTRIBUTES),
     )
 
 

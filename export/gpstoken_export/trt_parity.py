@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import gpstoken
-    from gpstoken.imageio import bundled_photo, center_crop_resize
+    from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
     model = gpstoken.GPSTokenizer.from_pretrained(args.model or Path(gpstoken.__file__).parent / "weights" / "tiny").eval()
     photos = np.stack([center_crop_resize(bundled_photo(p), model.config.tile) for p in PHOTOS])

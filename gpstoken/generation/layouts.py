@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError, load_tensors, save_tensors
-from ..partition import calibrate
+from gpstoken_core.partition import calibrate
 
 BANK_FORMAT = "gpstoken-layout-bank"
 SIGMA_RANGE = (1e-5, 0.99999)  # official post-processing clamps

@@ -7,13 +7,19 @@ import sys
 import time
 from pathlib import Path
 
+from gpstoken_core.tiling import DECODE_MODES, parse_image_size
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpstoken-runtime", description="Run a `gpstoken export` folder with ONNX Runtime or TensorRT (no torch).")
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("reconstruct", help="encode + decode an image; writes the reconstruction, prints PSNR/SSIM and latency")
-    rec.add_argument("image", type=Path, help="image file (resized + centre-cropped to the export's size)")
-    rec.add_argument("--model", required=True, type=Path, help="export folder (manifest.json, encoder.onnx, decoder.onnx)")
+    rec.add_argument("image", type=Path, help="image file")
+    rec.add_argument("--model", required=True, type=Path, help="export folder (manifest.json, encoder.onnx, decoder graphs)")
+    rec.add_argument("--size", default=None, metavar="N|WxH|0",
+                     help="resize + centre-crop to N x N or W x H first, 0: keep the image's size (default: the export's first size)")
+    rec.add_argument("--decode", choices=DECODE_MODES, default=None,
+                     help="images of several tiles: merged (one map) or tiles (each alone); default: the model's")
     rec.add_argument("--tokens", type=int, default=None, help="token count (default: the export's tokens per tile)")
     rec.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                      help="onnxruntime (default) or tensorrt (engines from `gpstoken export --tensorrt`, needs a GPU)")
@@ -25,20 +31,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from PIL import Image
 
-    from ._library import imageio, metrics
-    from .tokenizer import ExportError, Tokenizer
+    from gpstoken_core.manifest import ExportError
+
+    from gpstoken_core import imageio, metrics
+    from .tokenizer import Tokenizer
 
     try:
         options = {"plugin_library": args.plugin} if args.backend == "tensorrt" else {}
         tok = Tokenizer.load(args.model, backend=args.backend, device=args.device, threads=args.threads, **options)
         image = imageio.load_image(args.image)
-        h, w = tok.image_size
-        image = imageio.center_crop_resize(image, h) if h == w else image
-        tok.reconstruct(image, args.tokens)  # warm-up
+        size = tok.image_size if args.size is None else parse_image_size(args.size, allow_keep=True)
+        if size is not None:
+            image = imageio.center_crop_resize(image, size)
+        h, w = image.shape[:2]
+        tok.reconstruct(image, args.tokens, mode=args.decode)  # warm-up
         t0 = time.perf_counter()
         tokens = tok.encode(image, args.tokens)
         t1 = time.perf_counter()
-        recon = tok.decode(tokens)[0]
+        recon = tok.decode(tokens, mode=args.decode)[0]
         t2 = time.perf_counter()
     except (ExportError, imageio.ImageError, ValueError, RuntimeError) as err:
         print(f"gpstoken-runtime reconstruct: error: {err}", file=sys.stderr)

@@ -1,24 +1,21 @@
-"""The runtime tokenizer: partition (the library's C++ code) + the exported ONNX graphs."""
+"""The runtime tokenizer: partition (the library's C++ code) + the exported ONNX graphs / engines.
+
+Images of any size are handled as the library does (``gpstoken_core.tiling``): partitioned and encoded
+per tile, decoded "merged" or per "tiles" with the decoder graphs the export holds.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ._library import imageio, partition as _partition
+from gpstoken_core.manifest import ENCODER, ExportError, decoder_graph, read_manifest
+from gpstoken_core.tiling import check_decode_mode, decode_jobs, encode_groups, tile_grid, tile_to_image
 
-from .backends import BACKENDS, Backend
-
-MANIFEST_FORMAT = "gpstoken-export"
-SUPPORTED_VERSIONS = (1,)
-
-
-class ExportError(ValueError):
-    """An export folder is missing, damaged or inconsistent; the message names the file and field."""
+from gpstoken_core import imageio, partition as _partition
+from .backends import Backend, backend_class
 
 
 @dataclass
@@ -33,115 +30,50 @@ class Tokens:
     def image_g(self) -> np.ndarray:
         if len(self.tiles) == 1:
             return self.g
-        return _partition.tile_to_image(self.g, self.tiles[self.tile_index].astype(self.g.dtype), self.image_size, np.stack)
-
-
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file (the manifest's integrity field)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_manifest(folder: Path) -> dict:
-    path = folder / "manifest.json"
-    if not folder.is_dir():
-        raise ExportError(f"{folder}: no such export folder")
-    if not path.exists():
-        raise ExportError(f"{path}: missing (is {folder} a `gpstoken export` folder?)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ExportError(f"{path}: field 'format' is not {MANIFEST_FORMAT!r}")
-    if manifest.get("version") not in SUPPORTED_VERSIONS:
-        raise ExportError(
-            f"{path}: field 'version' is {manifest.get('version')!r}; this runtime reads {SUPPORTED_VERSIONS} "
-            "(re-export with the matching gpstoken, or update gpstoken_runtime)"
-        )
-    for key in ("model_config", "image_size", "tile", "tokens_per_tile", "feature_channels", "decode_mode", "files"):
-        if key not in manifest:
-            raise ExportError(f"{path}: field {key!r} is missing")
-    for graph in ("encoder", "decoder"):
-        entry = manifest["files"].get(graph)
-        if not entry:
-            raise ExportError(f"{path}: field 'files.{graph}' is missing")
-        file = folder / entry["path"]
-        if not file.exists():
-            raise ExportError(f"{file}: missing ({graph} graph named in the manifest)")
-        if sha256_file(file) != entry["sha256"]:
-            raise ExportError(
-                f"{file}: its SHA-256 differs from the manifest's files.{graph}.sha256: the file is damaged or comes "
-                "from another export (encoder and decoder must come from the same export)"
-            )
-    return manifest
+        return tile_to_image(self.g, self.tiles[self.tile_index].astype(self.g.dtype), self.image_size, np.stack)
 
 
 class Tokenizer:
-    def __init__(self, manifest: dict, encoder: Backend, decoder: Backend, folder: Path):
-        self.manifest, self.encoder, self.decoder, self.folder = manifest, encoder, decoder, folder
+    def __init__(self, folder: Path, manifest: dict, graphs: dict[str, Backend]):
+        self.folder, self.manifest, self.graphs = folder, manifest, graphs
         cfg = manifest["model_config"]
-        self.image_size = tuple(manifest["image_size"])
         self.tile = int(manifest["tile"])
         self.tokens_per_tile = int(manifest["tokens_per_tile"])
         self.feature_channels = int(manifest["feature_channels"])
         self.lam, self.min_region = float(cfg["lam"]), int(cfg["min_region"])
-        self.decode_mode = manifest["decode_mode"]
-        self.dtype = manifest.get("dtype", "float32")  # of the graphs' inputs and outputs
+        self.decode_mode = manifest["decode_mode"]  # the model's default
+        self.dtype = manifest["dtype"]  # of the graphs' inputs and outputs
+        self.sizes = [tuple(s) for s in manifest.get("sizes", [[self.tile, self.tile]])]
         self._input_dtypes = {
-            graph: {name: np.dtype(io["dtype"]) for name, io in manifest["files"][graph]["inputs"].items()}
-            for graph in ("encoder", "decoder")
+            name: {k: np.dtype(io["dtype"]) for k, io in manifest["files"][name]["inputs"].items()} for name in graphs
         }
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The first size the export was made for (what the CLI resizes to by default)."""
+        return self.sizes[0]
+
+    @classmethod
+    def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
+             **backend_options) -> Tokenizer:
+        """Load every graph of an export folder on ``backend`` (onnxruntime, tensorrt)."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        make = backend_class(backend)
+        graphs = {}
+        for name in manifest["files"]:
+            graph = make.from_manifest(folder, manifest, name, device=device, threads=threads, **backend_options)
+            expected = list(manifest["files"][name]["inputs"])
+            if graph.input_names != expected:
+                raise ExportError(f"{name} graph inputs {graph.input_names} differ from the manifest's {expected}")
+            graphs[name] = graph
+        return cls(folder, manifest, graphs)
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Feeds cast to the graph's input dtypes (float16 exports); outputs returned as float32."""
         types = self._input_dtypes[graph]
         feeds = {k: np.ascontiguousarray(v, dtype=types.get(k, v.dtype)) for k, v in feeds.items()}
-        backend = self.encoder if graph == "encoder" else self.decoder
-        return [np.asarray(o, dtype=np.float32) for o in backend.run(feeds)]
-
-    @classmethod
-    def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None, **backend_options) -> Tokenizer:
-        folder = Path(folder)
-        manifest = read_manifest(folder)
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
-        make = BACKENDS[backend]
-        files = manifest["files"]
-        if backend == "tensorrt":
-            from .tensorrt_backend import EngineMismatch, TensorRTUnavailable
-
-            section = manifest.get("tensorrt")
-            if not section or "files" not in section:
-                raise ExportError(f"{folder / 'manifest.json'}: no 'tensorrt' section; build the engines first (gpstoken export --tensorrt)")
-            files = section["files"]
-            for name in ("encoder", "decoder"):
-                engine = folder / files[name]["path"]
-                if not engine.exists():
-                    raise ExportError(f"{engine}: missing ({name} engine named in the manifest)")
-                if sha256_file(engine) != files[name]["sha256"]:
-                    raise ExportError(f"{engine}: its SHA-256 differs from the manifest's tensorrt.files.{name}.sha256")
-            device = "cuda" if device == "cpu" else device
-            backend_options.setdefault("manifest_section", section)
-            passthrough: tuple[type[Exception], ...] = (TensorRTUnavailable, EngineMismatch)
-        else:
-            passthrough = ()
-        graphs = []
-        for name in ("encoder", "decoder"):
-            try:
-                graph = make(folder / files[name]["path"], device=device, threads=threads, **backend_options)
-            except passthrough:
-                raise
-            except Exception as err:  # the backend's own error types (ORT's InvalidProtobuf, ...)
-                raise ExportError(f"{folder / files[name]['path']}: cannot be loaded ({err})") from None
-            expected = list(manifest["files"][name]["inputs"])
-            if graph.input_names != expected:
-                raise ExportError(f"{name} graph inputs {graph.input_names} differ from the manifest's {expected}")
-            graphs.append(graph)
-        return cls(manifest, graphs[0], graphs[1], folder)
+        return [np.asarray(o, dtype=np.float32) for o in self.graphs[graph].run(feeds)]
 
     # ------------------------------------------------------------------ images
     def _batch(self, images) -> np.ndarray:
@@ -149,66 +81,62 @@ class Tokenizer:
             arrays = [imageio.to_rgb_uint8(np.asarray(im), f"image {k}") for k, im in enumerate(images)]
             if len({a.shape for a in arrays}) > 1:
                 raise imageio.ImageError(f"images in a batch must share one size, got {sorted({a.shape for a in arrays})}")
-            batch = np.stack(arrays)
-        else:
-            arr = np.asarray(images)
-            batch = np.stack([imageio.to_rgb_uint8(a, f"image {k}") for k, a in enumerate(arr)]) if arr.ndim == 4 else imageio.to_rgb_uint8(arr)[None]
-        if batch.shape[1:3] != self.image_size:
-            h, w = self.image_size
-            raise imageio.ImageError(
-                f"this export takes {w}x{h} images, got {batch.shape[2]}x{batch.shape[1]}; resize first "
-                "(gpstoken.imageio.center_crop_resize) or export for that size (`gpstoken export --size`)"
-            )
-        return batch
+            return np.stack(arrays)
+        arr = np.asarray(images)
+        return np.stack([imageio.to_rgb_uint8(a, f"image {k}") for k, a in enumerate(arr)]) if arr.ndim == 4 else imageio.to_rgb_uint8(arr)[None]
 
     def encode(self, images, num_tokens: int | None = None, priority=None) -> Tokens:
+        """Partition (Alg. 1) per tile and encode; images of any size (one size per batch)."""
         batch = self._batch(images)
-        h, w = self.image_size
-        tiles_total = (h // self.tile) * (w // self.tile)
-        total = num_tokens or self.tokens_per_tile * tiles_total
+        h, w = batch.shape[1:3]
+        total = num_tokens or self.tokens_per_tile * len(tile_grid(h, w, self.tile))
         parts = _partition.partition(batch, total, lam=self.lam, min_size=self.min_region, priority=priority, tile=self.tile)
         first = parts[0]
-        x = batch.astype(np.float32) / 127.5 - 1
-        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        x = np.ascontiguousarray((batch.astype(np.float32) / 127.5 - 1).transpose(0, 3, 1, 2))
         g_init = np.stack([p.g_init for p in parts]).astype(np.float32)
         boxes = np.stack([p.boxes for p in parts]).astype(np.float32)
         b, n = g_init.shape[:2]
         g = np.empty((b, n, 5), np.float32)
         f = np.empty((b, n, self.feature_channels), np.float32)
-        for t, (x0, y0, x1, y1) in enumerate(first.tiles):
-            sel = np.nonzero(first.tile_index == t)[0]
-            gt, ft = self._run(
-                "encoder",
-                {
-                    "image": np.ascontiguousarray(x[:, :, y0 : y1 + 1, x0 : x1 + 1]),
-                    "g_init": np.ascontiguousarray(g_init[:, sel]),
-                    "boxes": np.ascontiguousarray(boxes[:, sel] - np.array([x0, y0, x0, y0], np.float32)),
-                }
-            )
-            g[:, sel], f[:, sel] = gt, ft
+        # tiles of one size and token count run as one batch, as the library does
+        for group in encode_groups(first.tiles, first.tile_index):
+            sels = [np.nonzero(first.tile_index == t)[0] for t in group]
+            crops, gi, bx = [], [], []
+            for t, sel in zip(group, sels):
+                x0, y0, x1, y1 = first.tiles[t]
+                crops.append(x[:, :, y0 : y1 + 1, x0 : x1 + 1])
+                gi.append(g_init[:, sel])
+                bx.append(boxes[:, sel] - np.array([x0, y0, x0, y0], np.float32))
+            gt, ft = self._run(ENCODER, {"image": np.concatenate(crops), "g_init": np.concatenate(gi), "boxes": np.concatenate(bx)})
+            for k, sel in enumerate(sels):
+                g[:, sel], f[:, sel] = gt[k * b : (k + 1) * b], ft[k * b : (k + 1) * b]
         return Tokens(g=g, f=f, g_init=g_init, image_size=(h, w), tiles=first.tiles, tile_index=first.tile_index)
 
-    def decode(self, tokens: Tokens, as_uint8: bool = True) -> np.ndarray:
-        """(B, H, W, 3) uint8, or with ``as_uint8=False`` the decoder's (B, 3, H, W) float output."""
+    def decode(self, tokens: Tokens, as_uint8: bool = True, mode: str | None = None) -> np.ndarray:
+        """(B, H, W, 3) uint8, or with ``as_uint8=False`` the decoder's (B, 3, H, W) float output.
+
+        ``mode``: "merged" or "tiles" (see ``gpstoken_core.tiling``); default: the model's."""
         if tokens.f.shape[-1] != self.feature_channels:
             raise ValueError(f"tokens have {tokens.f.shape[-1]} feature channels, the export expects {self.feature_channels}")
         if not (np.isfinite(tokens.g).all() and np.isfinite(tokens.f).all()):
             raise ValueError("tokens contain NaN or Inf")
-        if tuple(tokens.image_size) != self.image_size:
-            raise ValueError(f"tokens describe a {tokens.image_size} image, the export decodes {self.image_size}")
+        mode = check_decode_mode(mode or self.decode_mode)
+        h, w = tokens.image_size
+        jobs = decode_jobs((h, w), tokens.tiles, mode)
+        names = [decoder_graph(self.manifest, job.spec, (h, w), mode) for job in jobs]
         g, f = tokens.g.astype(np.float32), tokens.f.astype(np.float32)
-        if self.decode_mode == "per_tile":
-            h, w = self.image_size
-            out = np.zeros((g.shape[0], 3, h, w), np.float32)
-            for t, (x0, y0, x1, y1) in enumerate(tokens.tiles):
-                sel = np.nonzero(tokens.tile_index == t)[0]
-                out[:, :, y0 : y1 + 1, x0 : x1 + 1] = self._run("decoder", {"g": g[:, sel], "f": f[:, sel]})[0]
+        if len(jobs) == 1:
+            out = self._run(names[0], {"g": tokens.image_g().astype(np.float32), "f": f})[0]
         else:
-            out = self._run("decoder", {"g": tokens.image_g(), "f": f})[0]
+            out = np.zeros((g.shape[0], 3, h, w), np.float32)
+            for job, name in zip(jobs, names):
+                sel = np.nonzero(tokens.tile_index == job.tile)[0]
+                x0, y0, x1, y1 = job.box
+                out[:, :, y0 : y1 + 1, x0 : x1 + 1] = self._run(name, {"g": g[:, sel], "f": f[:, sel]})[0]
         return to_uint8(out) if as_uint8 else out
 
-    def reconstruct(self, images, num_tokens: int | None = None, priority=None) -> np.ndarray:
-        return self.decode(self.encode(images, num_tokens, priority))
+    def reconstruct(self, images, num_tokens: int | None = None, priority=None, mode: str | None = None) -> np.ndarray:
+        return self.decode(self.encode(images, num_tokens, priority), mode=mode)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -12,111 +12,24 @@ everywhere; without TensorRT the error says what to install.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
-from .backends import Backend
+from gpstoken_core.manifest import tensorrt_files
+from gpstoken_core.tensorrt import (  # noqa: F401  (TensorRTUnavailable, EngineMismatch: raised to callers)
+    EngineMismatch,
+    TensorRTUnavailable,
+    check_cuda,
+    check_engine_compatibility,
+    find_plugin_library,
+    gpu_properties,
+    import_cudart,
+    import_tensorrt,
+    load_plugin,
+)
 
-PLUGIN_LIBRARY = "libgpstoken_trt.so"  # exports getCreators: loaded with IPluginRegistry.load_library
-PLUGIN_ENV = "GPSTOKEN_TRT_PLUGIN"
-
-
-class TensorRTUnavailable(RuntimeError):
-    """TensorRT, cuda-bindings, a GPU or the plugin library is missing."""
-
-
-class EngineMismatch(RuntimeError):
-    """The engine was built for another TensorRT version or GPU."""
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as err:
-        raise TensorRTUnavailable(
-            "the TensorRT backend needs the `tensorrt` Python package (TensorRT 11, e.g. pip install tensorrt-cu13) "
-            f"and an NVIDIA GPU; it could not be imported ({err}). Without a GPU use backend='onnxruntime'."
-        ) from None
-    return trt
-
-
-def import_cudart():
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError as err:
-        raise TensorRTUnavailable(f"the TensorRT backend needs cuda-bindings (pip install cuda-bindings): {err}") from None
-    return cudart
-
-
-def find_plugin_library(explicit: str | os.PathLike | None = None) -> Path:
-    """The getCreators plugin library: ``explicit``, else $GPSTOKEN_TRT_PLUGIN, else the one installed with
-    gpstoken_runtime (present when pip found TensorRT and nvcc at build time)."""
-    if explicit:
-        candidates = [Path(explicit)]
-    elif os.environ.get(PLUGIN_ENV):
-        candidates = [Path(os.environ[PLUGIN_ENV])]
-    else:
-        candidates = [Path(__file__).parent / "lib" / PLUGIN_LIBRARY]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise TensorRTUnavailable(
-        f"GaussianSplat plugin library not found ({candidates[0]} does not exist). Build it with CMake: "
-        "cmake -S . -B build -DGPSTOKEN_CUDA=ON -DTensorRT_ROOT=/path/to/TensorRT && cmake --build build "
-        f"--target gpstoken_trt, then pass plugin_library=build/{PLUGIN_LIBRARY} or set ${PLUGIN_ENV}"
-    )
-
-
-def _check(result, what: str):
-    """cuda-bindings calls return (err, *values)."""
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise RuntimeError(f"{what} failed: CUDA error {int(err)} ({err})")
-    return values[0] if len(values) == 1 else values
-
-
-def gpu_properties(device: int = 0) -> tuple[str, tuple[int, int]]:
-    cudart = import_cudart()
-    err, props = cudart.cudaGetDeviceProperties(device)
-    if int(err) != 0:
-        raise TensorRTUnavailable(f"no CUDA device {device} ({err})")
-    name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
-    return name.rstrip("\x00"), (int(props.major), int(props.minor))
-
-
-def check_engine_compatibility(section: dict | None, trt_version: str, gpu_name: str, capability: tuple[int, int]) -> None:
-    """Refuse engines from another TensorRT version or GPU model, naming the manifest field."""
-    if not section:
-        raise EngineMismatch("manifest.json has no 'tensorrt' section: build the engines first (gpstoken export --tensorrt)")
-    built = str(section.get("version", "?"))
-    if built.split(".")[:3] != trt_version.split(".")[:3]:
-        raise EngineMismatch(
-            f"manifest field tensorrt.version: the engines were built with TensorRT {built}, this is {trt_version}; "
-            "rebuild them (python -m gpstoken_export.build_engine EXPORT_DIR)"
-        )
-    cc = f"{capability[0]}.{capability[1]}"
-    if section.get("compute_capability") != cc or section.get("gpu") != gpu_name:
-        raise EngineMismatch(
-            f"manifest fields tensorrt.gpu / compute_capability: the engines were built on {section.get('gpu')} "
-            f"(sm {section.get('compute_capability')}), this GPU is {gpu_name} (sm {cc}); rebuild them on this GPU"
-        )
-
-
-_loaded_plugins: dict[str, object] = {}
-
-
-def load_plugin(trt, path: Path) -> None:
-    """Register the plugin's creators once per process (TensorRT refuses a second registration)."""
-    key = str(path.resolve())
-    if key in _loaded_plugins:
-        return
-    handle = trt.get_plugin_registry().load_library(key)
-    if handle is None:
-        raise TensorRTUnavailable(f"{path}: TensorRT could not load the plugin library")
-    _loaded_plugins[key] = handle
-
+from .base import Backend
 
 _NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
                 "INT8": np.int8, "UINT8": np.uint8}
@@ -130,6 +43,16 @@ def _numpy_type(engine, name: str):
 
 
 class TensorRTBackend(Backend):
+    @classmethod
+    def from_manifest(cls, folder: Path, manifest: dict, graph: str, device: str = "cuda", threads: int | None = None,
+                      plugin_library=None, cuda_graph: bool = False) -> TensorRTBackend:
+        """The engine of ``graph`` from the manifest's tensorrt section (checked: present, hash, this GPU)."""
+        engine = tensorrt_files(folder, manifest).get(graph)
+        if engine is None:
+            raise EngineMismatch(f"the manifest's tensorrt section has no engine for the {graph} graph; rebuild the engines (gpstoken export --tensorrt)")
+        device = "cuda" if device == "cpu" else device
+        return cls(engine, device=device, plugin_library=plugin_library, cuda_graph=cuda_graph, manifest_section=manifest["tensorrt"])
+
     def __init__(self, path: str | Path, device: str = "cuda", threads: int | None = None, plugin_library=None,
                  cuda_graph: bool = False, manifest_section: dict | None = None):
         """``path``: a serialized engine. ``threads`` is accepted for API symmetry and unused."""
@@ -138,7 +61,7 @@ class TensorRTBackend(Backend):
         trt = import_tensorrt()
         self.cudart = cudart = import_cudart()
         self.device = int(device.split(":")[1]) if ":" in device else 0
-        _check(cudart.cudaSetDevice(self.device), "cudaSetDevice")
+        check_cuda(cudart.cudaSetDevice(self.device), "cudaSetDevice")
         if manifest_section is not None:
             check_engine_compatibility(manifest_section, trt.__version__, *gpu_properties(self.device))
         load_plugin(trt, find_plugin_library(plugin_library))
@@ -148,7 +71,7 @@ class TensorRTBackend(Backend):
             raise EngineMismatch(f"{path}: TensorRT could not deserialize the engine (another TensorRT version or GPU?)")
         self.engine = engine
         self.context = engine.create_execution_context()
-        self.stream = _check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -164,9 +87,9 @@ class TensorRTBackend(Backend):
         ptr, size = pool.get(name, (0, 0))
         if size < nbytes:
             if ptr:
-                _check((self.cudart.cudaFreeHost if pinned else self.cudart.cudaFree)(ptr), "free")
+                check_cuda((self.cudart.cudaFreeHost if pinned else self.cudart.cudaFree)(ptr), "free")
             alloc = self.cudart.cudaMallocHost if pinned else self.cudart.cudaMalloc
-            ptr = int(_check(alloc(max(nbytes, 1)), "cudaMallocHost" if pinned else "cudaMalloc"))
+            ptr = int(check_cuda(alloc(max(nbytes, 1)), "cudaMallocHost" if pinned else "cudaMalloc"))
             pool[name] = (ptr, nbytes)
             if not pinned:
                 self._drop_graphs()  # captured graphs hold the old device addresses (host copies are outside them)
@@ -210,7 +133,7 @@ class TensorRTBackend(Backend):
             if not self.context.set_input_shape(name, array.shape):
                 raise ValueError(f"input {name!r}: TensorRT refused shape {tuple(array.shape)}")
             self.context.set_tensor_address(name, dev)
-            _check(cudart.cudaMemcpyAsync(dev, host.ctypes.data, array.nbytes, H2D, stream), "cudaMemcpyAsync")
+            check_cuda(cudart.cudaMemcpyAsync(dev, host.ctypes.data, array.nbytes, H2D, stream), "cudaMemcpyAsync")
         shapes = {n: tuple(self.context.get_tensor_shape(n)) for n in self.output_names}
         for name, shape in shapes.items():
             nbytes = int(np.prod(shape)) * np.dtype(self.dtypes[name]).itemsize
@@ -220,9 +143,9 @@ class TensorRTBackend(Backend):
         for name, shape in shapes.items():
             host = self._host_view(name, shape)
             dev, _ = self.device_buffers[name]
-            _check(cudart.cudaMemcpyAsync(host.ctypes.data, dev, host.nbytes, D2H, stream), "cudaMemcpyAsync")
+            check_cuda(cudart.cudaMemcpyAsync(host.ctypes.data, dev, host.nbytes, D2H, stream), "cudaMemcpyAsync")
             outputs.append(host)
-        _check(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        check_cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         return [o.copy() for o in outputs]
 
     def _execute(self, key: tuple) -> None:
@@ -236,16 +159,16 @@ class TensorRTBackend(Backend):
             if not self.context.execute_async_v3(int(stream)):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-            _check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+            check_cuda(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
             captured = self.context.execute_async_v3(int(stream))
-            graph = _check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")  # always leave capture mode
+            graph = check_cuda(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")  # always leave capture mode
             try:
                 if not captured:
                     raise RuntimeError("TensorRT execute_async_v3 failed during CUDA-graph capture (see the TensorRT log)")
-                self.graphs[key] = _check(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+                self.graphs[key] = check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             finally:
                 cudart.cudaGraphDestroy(graph)  # the instantiated graph is independent of it
-        _check(cudart.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")
+        check_cuda(cudart.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")
 
     def _drop_graphs(self) -> None:
         for graph_exec in self.graphs.values():

@@ -13,14 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-try:  # the runtime-only wheel installs the module next to this file (gpstoken_runtime._shared)
-    from . import _gpstoken_partition as _native
-except ImportError:
-    import _gpstoken_partition as _native
-
+from . import _gpstoken_partition as _native  # the C++ module, installed into this package
 from .imageio import MAX_PIXELS, ImageError, to_rgb_uint8
+from .tiling import TILE, tile_grid
 
-TILE = 256  # official training tile; larger images are partitioned per tile
 DEFAULT_TOKENS_PER_TILE = 128  # M128
 DEFAULT_PRIORITY_WEIGHT = 200.0  # per pixel; typical photo regions have m / area = H^2.5 of ~30..90
 
@@ -47,40 +43,6 @@ class Partition:
     def gaussians_in_image(self) -> np.ndarray:
         """(L, 5) the same Gaussians normalized to the whole image (for drawing, merging tiles)."""
         return _native.regions_to_gaussians(self.boxes, *self.image_size).astype(np.float32)
-
-
-def tile_to_image(g, tile_boxes, image_size: tuple[int, int], stack):
-    """Gaussians g (..., L, 5) in their tiles' coordinates -> whole-image coordinates.
-
-    ``tile_boxes`` (L, 4) holds each token's tile (x0, y0, x1, y1), inclusive pixels, as the same array type
-    as g (numpy or torch; ``stack`` is np.stack or torch.stack). A tile spanning x0..x1 of an image W wide
-    covers [-1 + 2 x0 / W, -1 + 2 (x1 + 1) / W]: for equal tiles this is the official token merging
-    (sigma / n, x' = -1 + (2 j + x + 1) / n).
-    """
-    h, w = image_size
-    x0, y0 = tile_boxes[:, 0], tile_boxes[:, 1]
-    sx, sy = (tile_boxes[:, 2] - x0 + 1) / w, (tile_boxes[:, 3] - y0 + 1) / h
-    return stack(
-        [
-            g[..., 0] * sx,
-            g[..., 1] * sy,
-            g[..., 2],
-            -1 + 2 * x0 / w + (g[..., 3] + 1) * sx,
-            -1 + 2 * y0 / h + (g[..., 4] + 1) * sy,
-        ],
-        -1,
-    )
-
-
-def tile_grid(height: int, width: int, tile: int = TILE) -> np.ndarray:
-    """(T, 4) inclusive tile boxes, row-major. Sides that are not multiples of ``tile`` are cut into
-    ceil(side / tile) nearly equal parts (no padding, no resizing), so boxes stay in image pixels."""
-    ny, nx = -(-height // tile), -(-width // tile)
-    ys = [round(i * height / ny) for i in range(ny + 1)]
-    xs = [round(i * width / nx) for i in range(nx + 1)]
-    return np.array(
-        [(xs[j], ys[i], xs[j + 1] - 1, ys[i + 1] - 1) for i in range(ny) for j in range(nx)], dtype=np.int32
-    )
 
 
 def _split_count(total: int, parts: int) -> list[int]:
@@ -118,7 +80,7 @@ def partition(
         priority: optional (H, W) map added to region complexity (official ``cdbias``); see
             ``priority_from_boxes`` / ``priority_from_mask``. For a batch, one map or a list.
         tile: tile side; images no larger than it are one tile.
-    Grey, RGBA, 16-bit and float [0, 1] images are converted; see ``gpstoken.imageio.to_rgb_uint8``.
+    Grey, RGBA, 16-bit and float [0, 1] images are converted; see ``gpstoken_core.imageio.to_rgb_uint8``.
     """
     arr = np.asarray(image)
     batch = arr.ndim == 4

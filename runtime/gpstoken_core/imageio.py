@@ -77,11 +77,12 @@ def bundled_photo(name: str = "astronaut") -> np.ndarray:
     return to_rgb_uint8(loader(), f"skimage.data.{name}")
 
 
-def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the short side to ``size`` (bicubic, antialiased) and crop the centre square."""
+def center_crop_resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize so the image covers ``size`` (a side, or (H, W)), bicubic with antialiasing, and crop the centre."""
+    th, tw = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
     h, w = image.shape[:2]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     im = Image.fromarray(image).resize((nw, nh), Image.BICUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return np.asarray(im.crop((left, top, left + tw, top + th)))

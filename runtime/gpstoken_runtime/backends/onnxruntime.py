@@ -1,27 +1,21 @@
-"""Inference backends: one object per graph, ``run(feeds) -> outputs``. The TensorRT backend implements
-the same interface, so callers don't change with the engine."""
+"""ONNX Runtime backend: runs the export's ONNX files on the CPU (or CUDA with onnxruntime-gpu)."""
 
 from __future__ import annotations
 
 import os
-from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
-
-class Backend(ABC):
-    """One loaded graph."""
-
-    input_names: list[str]
-    output_names: list[str]
-
-    @abstractmethod
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Outputs in ``output_names`` order."""
+from .base import Backend
 
 
 class OnnxRuntimeBackend(Backend):
+    @classmethod
+    def from_manifest(cls, folder: Path, manifest: dict, graph: str, device: str = "cpu", threads: int | None = None,
+                      custom_ops_library: str | None = None) -> OnnxRuntimeBackend:
+        return cls(Path(folder) / manifest["files"][graph]["path"], device, threads, custom_ops_library)
+
     def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, custom_ops_library: str | None = None):
         """``custom_ops_library``: libgpstoken_ort_ops.so (default: $GPSTOKEN_ORT_OPS if set) runs GaussianSplat
         with the compiled kernel instead of the file's dense standard-op function."""
@@ -51,12 +45,3 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(self.output_names, feeds)
-
-
-def _tensorrt_backend(*args, **kwargs) -> Backend:
-    from .tensorrt_backend import TensorRTBackend  # imports tensorrt only when asked for
-
-    return TensorRTBackend(*args, **kwargs)
-
-
-BACKENDS = {"onnxruntime": OnnxRuntimeBackend, "tensorrt": _tensorrt_backend}

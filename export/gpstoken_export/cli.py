@@ -1,0 +1,77 @@
+"""``gpstoken export``: registered into the ``gpstoken`` command through the ``gpstoken.commands`` entry
+point, so the library never imports the exporter."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from gpstoken.cli import load_model, positive_int
+from gpstoken_core.tiling import DECODE_MODES, parse_image_size
+
+
+def image_size(text: str) -> tuple[int, int]:
+    try:
+        return parse_image_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_model
+
+    model, model_path = load_model(args.model, "cpu")
+    sizes = args.sizes or [(model.config.tile, model.config.tile)]
+    modes = DECODE_MODES if args.decode == "both" else (args.decode,)
+    out = export_model(model, args.out, sizes, dtype=args.dtype, decode_modes=modes)
+    from gpstoken_core.manifest import read_manifest
+
+    graphs = sorted(read_manifest(out)["files"])
+    listed = ", ".join(f"{w}x{h}" for h, w in sizes)
+    print(f"exported {model_path} ({model.config.name}, {args.dtype}) for {listed} images -> {out}/ ({', '.join(graphs)}, manifest.json)")
+    if args.check:
+        from .parity import check_export
+
+        if not check_export(out, model):
+            raise ValueError(f"parity check failed: {out} does not reproduce the torch model within tolerance")
+        print("parity PASSED (torch vs ONNX Runtime: encoder, decoders, end to end)")
+    if args.tensorrt:
+        from gpstoken_core.tensorrt import TensorRTUnavailable
+
+        from .build_engine import build_engines
+
+        try:
+            build_engines(out, args.plugin, max_batch=args.max_batch, max_tokens=args.max_tokens)
+        except TensorRTUnavailable as err:
+            raise ValueError(f"the ONNX export in {out}/ is complete, but no TensorRT engines were built: {err}") from None
+        print(f"TensorRT engines: {out}/*.engine, one per graph (manifest.json has the tensorrt section)")
+
+
+def register(sub) -> None:
+    exp = sub.add_parser(
+        "export",
+        help="export a model to ONNX (encoder, decoders with the GaussianSplat node, manifest.json)",
+        description=(
+            "Write OUT/encoder.onnx (one tile of any size up to 256: image, g_init, boxes -> g, f), decoder graphs "
+            "(g, f -> image; the splat is one gpstoken::GaussianSplat node with a model-local function, so plain "
+            "ONNX Runtime runs it): decoder.onnx for one 256 tile plus those the --sizes need in each decode mode "
+            "(merged: one graph per multi-tile size; tiles: one per tile size), and OUT/manifest.json (config, "
+            "shapes, versions, file hashes). Batch and token count are dynamic. The folder is written under a "
+            "temporary name and renamed when complete."
+        ),
+    )
+    exp.add_argument("--model", type=Path, help="model folder; default: the shipped demo model")
+    exp.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    exp.add_argument("--sizes", type=image_size, nargs="+", metavar="N|WxH",
+                     help="image sizes the runtime should decode, e.g. 256 512 600x400 (default: 256, one tile)")
+    exp.add_argument("--decode", choices=[*DECODE_MODES, "both"], default="both",
+                     help="decoder graphs for which decode modes (default both: the runtime can then choose)")
+    exp.add_argument("--check", action="store_true", help="then compare torch and ONNX Runtime with polygraphy on photos (fails above tolerance)")
+    exp.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                     help="graph precision (default float32); float16 is what TensorRT 11 needs for an fp16 engine")
+    exp.add_argument("--tensorrt", action="store_true",
+                     help="then build TensorRT engines next to the ONNX files (needs a GPU, tensorrt, cuda-bindings and the plugin)")
+    exp.add_argument("--plugin", type=Path, help="libgpstoken_trt.so for --tensorrt (default: $GPSTOKEN_TRT_PLUGIN or the installed one)")
+    exp.add_argument("--max-batch", type=positive_int, default=8, help="largest batch of the engines' optimization profile (default 8)")
+    exp.add_argument("--max-tokens", type=positive_int, help="largest token count per tile in the profile (default 2x the model's)")
+    exp.set_defaults(run=_cmd_export)

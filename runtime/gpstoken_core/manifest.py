@@ -1,0 +1,146 @@
+"""The export manifest (``manifest.json``): its schema, writing, reading and validation, in one place.
+
+A ``gpstoken export`` folder holds ONNX graphs (an encoder for one tile of any size up to the model's
+tile, and one decoder graph per output size / normalization grid it covers), optionally TensorRT
+engines, and this manifest. Version 2 (this schema):
+
+    format, version                 "gpstoken-export", 2
+    model_config                    the tokenizer config (gpstoken.config.TokenizerConfig.to_dict())
+    tile, tokens_per_tile, feature_channels, decode_mode (the model's default: "merged" | "tiles")
+    sizes                           [[H, W], ...] image sizes the export was made for
+    dtype                           "float32" | "float16" (graph inputs and outputs)
+    custom_op, onnx_opset, exporter
+    files                           graph name -> {path, sha256, inputs, outputs}; decoder graphs also
+                                    {image_size: [H, W], grid: [rows, cols]} (gpstoken_core.tiling.DecoderSpec)
+    tensorrt (optional)             {version, gpu, compute_capability, plugin, profiles, files: name -> {path, sha256}}
+
+Every reader goes through ``read_manifest`` (which checks the files' hashes), every writer through
+``write_manifest`` (atomic).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .files import JSONFileError, atomic_write_text, read_json, sha256_file
+from .tiling import DECODE_MODES, DecoderSpec
+
+FORMAT = "gpstoken-export"
+VERSION = 2
+SUPPORTED_VERSIONS = (2,)
+MANIFEST_FILE = "manifest.json"
+ENCODER = "encoder"
+REQUIRED_FIELDS = ("model_config", "tile", "tokens_per_tile", "feature_channels", "decode_mode", "dtype", "files")
+
+
+class ExportError(ValueError):
+    """An export folder is missing, damaged or inconsistent; the message names the file and field."""
+
+
+def graph_entry(path: Path, io: dict, spec: DecoderSpec | None = None) -> dict:
+    """The ``files`` entry of one graph file: name, hash, inputs/outputs (and what a decoder decodes)."""
+    entry = {"path": path.name, "sha256": sha256_file(path), **io}
+    if spec is not None:
+        entry.update(image_size=list(spec.image_size), grid=list(spec.grid))
+    return entry
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> None:
+    manifest = {"format": FORMAT, "version": VERSION, **manifest}
+    atomic_write_text(Path(folder) / MANIFEST_FILE, json.dumps(manifest, indent=1))
+
+
+def read_manifest(folder: str | Path, verify_files: bool = True) -> dict:
+    """The manifest of ``folder``, checked: format, version, required fields, and (``verify_files``) that
+    every graph file exists with the recorded SHA-256."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    if not folder.is_dir():
+        raise ExportError(f"{folder}: no such export folder")
+    if not path.exists():
+        raise ExportError(f"{path}: missing (is {folder} a `gpstoken export` folder?)")
+    try:
+        manifest = read_json(path)
+    except JSONFileError as err:
+        raise ExportError(str(err)) from None
+    if manifest.get("format") != FORMAT:
+        raise ExportError(f"{path}: field 'format' is not {FORMAT!r}")
+    if manifest.get("version") not in SUPPORTED_VERSIONS:
+        raise ExportError(
+            f"{path}: field 'version' is {manifest.get('version')!r}; this runtime reads {SUPPORTED_VERSIONS} "
+            "(re-export with the matching gpstoken, or update gpstoken_runtime)"
+        )
+    for key in REQUIRED_FIELDS:
+        if key not in manifest:
+            raise ExportError(f"{path}: field {key!r} is missing")
+    if manifest["decode_mode"] not in DECODE_MODES:
+        raise ExportError(f"{path}: field 'decode_mode' is {manifest['decode_mode']!r}, expected one of {DECODE_MODES}")
+    files = manifest["files"]
+    if ENCODER not in files:
+        raise ExportError(f"{path}: field 'files.{ENCODER}' is missing")
+    if not decoder_graphs(manifest):
+        raise ExportError(f"{path}: 'files' names no decoder graph (entries with image_size and grid)")
+    if verify_files:
+        for name, entry in files.items():
+            check_file(folder, entry, f"files.{name}", f"{name} graph")
+    return manifest
+
+
+def check_file(folder: Path, entry: dict, field: str, what: str) -> Path:
+    """The file of a manifest entry, after checking it exists and has the recorded SHA-256."""
+    file = Path(folder) / entry["path"]
+    if not file.exists():
+        raise ExportError(f"{file}: missing ({what} named in the manifest)")
+    if sha256_file(file) != entry["sha256"]:
+        raise ExportError(
+            f"{file}: its SHA-256 differs from the manifest's {field}.sha256: the file is damaged or comes "
+            "from another export (all files of an export must come from the same export)"
+        )
+    return file
+
+
+def decoder_graphs(manifest: dict) -> dict[DecoderSpec, str]:
+    """{DecoderSpec: graph name} of the export's decoder graphs."""
+    return {
+        DecoderSpec(tuple(e["image_size"]), tuple(e["grid"])): name
+        for name, e in manifest["files"].items()
+        if "image_size" in e and "grid" in e
+    }
+
+
+def decoder_graph(manifest: dict, spec: DecoderSpec, image_size: tuple[int, int], mode: str) -> str:
+    """The graph that decodes ``spec``, or an ExportError naming the re-export command that adds it."""
+    name = decoder_graphs(manifest).get(spec)
+    if name is not None:
+        return name
+    h, w = image_size
+    sh, sw = spec.image_size
+    what = f"{w}x{h} images" if spec.image_size == tuple(image_size) else f"the {sw}x{sh} tiles of {w}x{h} images"
+    how = f" as one map over a {spec.grid[1]}x{spec.grid[0]} tile grid" if spec.grid != (1, 1) else ""
+    have = ", ".join(sorted(f"{s.image_size[1]}x{s.image_size[0]}" + (f" (grid {s.grid[1]}x{s.grid[0]})" if s.grid != (1, 1) else "")
+                            for s in decoder_graphs(manifest)))
+    raise ExportError(
+        f"this export has no decoder for {what}{how} (decode mode {mode!r}; it has: {have}); "
+        f"re-export with `gpstoken export --sizes {w}x{h} ...` to add it"
+    )
+
+
+def tensorrt_files(folder: str | Path, manifest: dict) -> dict[str, Path]:
+    """{graph name: engine path} of the manifest's tensorrt section, each checked (exists, SHA-256)."""
+    section = manifest.get("tensorrt")
+    if not section or "files" not in section:
+        raise ExportError(f"{Path(folder) / MANIFEST_FILE}: no 'tensorrt' section; build the engines first (gpstoken export --tensorrt)")
+    return {name: check_file(Path(folder), entry, f"tensorrt.files.{name}", f"{name} engine") for name, entry in section["files"].items()}
+
+
+def tensorrt_section(trt_version: str, gpu_name: str, compute_capability: tuple[int, int], plugin: Path,
+                     profiles: dict, engines: dict[str, Path]) -> dict:
+    return {
+        "version": trt_version,
+        "gpu": gpu_name,
+        "compute_capability": f"{compute_capability[0]}.{compute_capability[1]}",
+        "plugin": {"name": "GaussianSplat", "version": "1", "library": Path(plugin).name},
+        "profiles": {g: {n: [list(s) for s in shapes] for n, shapes in p.items()} for g, p in profiles.items()},
+        "files": {g: {"path": p.name, "sha256": sha256_file(p)} for g, p in engines.items()},
+    }

@@ -20,6 +20,8 @@ _LAZY = {
     "to_uint8": ".tokenizer",
     "Tokens": ".tokens",
     "TokenizerConfig": ".config",
+    "GPSGenerator": ".generation",
+    "SiT": ".generation",
 }
 
 
@@ -31,4 +33,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gpstoken' has no attribute {name!r}")
 
 
-__all__ = ["GPSTokenizer", "Partition", "Tokens", "TokenizerConfig", "calibrate", "partition", "splat", "splat_reference", "to_uint8", "__version__"]
+__all__ = ["GPSGenerator", "GPSTokenizer", "SiT", "Partition", "Tokens", "TokenizerConfig", "calibrate", "partition", "splat", "splat_reference", "to_uint8", "__version__"]

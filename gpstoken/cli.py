@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--config", required=True, choices=["s64", "m128", "l256", "tiny"], help="which official model it is (tiny: an official-layout file of our small config)")
     conv.add_argument("--out", required=True, type=Path, help="output model folder")
     conv.set_defaults(run=_cmd_convert_official)
+    from .generation.cli import register as register_generation  # no torch until a command runs
+
+    register_generation(sub)
     _register_plugin_commands(sub)
     return parser
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gpstoken.imageio import ImageError
+from gpstoken_core.imageio import ImageError
 from gpstoken.imagesets import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, DataError, list_images, read_image  # noqa: F401 (re-exported)
-from gpstoken.partition import partition
+from gpstoken_core.partition import partition
 
 log = logging.getLogger("gpstoken.train")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-import _gpstoken_partition as native
+from gpstoken_core import _gpstoken_partition as native
 from gpstoken_core.imageio import bundled_photo, center_crop_resize
 from gpstoken_core.partition import partition
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import _gpstoken_partition as native
+from gpstoken_core import _gpstoken_partition as native
 from gpstoken_core.imageio import ImageError, bundled_photo, center_crop_resize
 from gpstoken_core.partition import calibrate, partition, priority_from_boxes, priority_from_mask
 
@@ -171,7 +171,7 @@ def test_calibrate_bad_input():
 
 
 def test_partition_module_imports_without_torch():
-    code = "import sys; sys.modules['torch'] = None; import _gpstoken_partition as p; print(p.max_tokens(256, 256, 8))"
+    code = "import sys; sys.modules['torch'] = None; from gpstoken_core import _gpstoken_partition as p; print(p.max_tokens(256, 256, 8))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0 and out.stdout.strip() == "1024", out.stderr
 

@@ -90,7 +90,7 @@ import sys
 sys.path.insert(0, {str(tmp_path / "site")!r})
 # a development (editable) install redirects imports ahead of sys.path: only the wheel may answer here
 sys.meta_path = [f for f in sys.meta_path if "ScikitBuildRedirectingFinder" not in type(f).__name__]
-for blocked in ("torch", "gpstoken", "_gpstoken_partition", "skimage"):
+for blocked in ("torch", "gpstoken", "gpstoken_export", "skimage"):
     sys.modules[blocked] = None
 import numpy as np
 import gpstoken_runtime

@@ -69,6 +69,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over processes (a new tensor; ``t`` itself in a single process)."""
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
 def wrap(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` in DistributedDataParallel when there are several processes, else itself."""
     return torch.nn.parallel.DistributedDataParallel(module) if dist.is_initialized() else module

@@ -94,3 +94,7 @@ def register(sub) -> None:
     gen.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde")
     gen.add_argument("--device", default="cpu")
     gen.set_defaults(run=_cmd_generate)
+
+    from .cli_data import register as register_data  # encode-dataset, eval-generator
+
+    register_data(sub)

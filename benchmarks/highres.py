@@ -23,12 +23,13 @@ import gpstoken
 from gpstoken_core.imageio import center_crop_resize
 from gpstoken.imagesets import read_image
 from gpstoken_core.metrics import psnr, ssim
+from gpstoken_core.tiling import DECODE_MODES, tile_grid
 from gpstoken.viz import panels
 
 TRAIN_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "immunohistochemistry", "hubble_deep_field")
 HELD_OUT = ("china", "flower")
 SIZES = ((256, 256), (512, 512), (400, 600), (1024, 1024))  # (H, W)
-MODES = ("merged", "tiles")
+MODES = DECODE_MODES
 
 
 def measure(model, names, sizes) -> dict:
@@ -49,11 +50,11 @@ def measure(model, names, sizes) -> dict:
     return results, first
 
 
-def table(title: str, results: dict, sizes) -> str:
+def table(title: str, results: dict, sizes, config) -> str:
     lines = [f"**{title}**", "", "| size | tiles | tokens | PSNR merged | PSNR tiles | SSIM merged | SSIM tiles |", "|---|---|---|---|---|---|---|"]
     for h, w in sizes:
-        n = -(-h // 256) * -(-w // 256)
-        row = [f"{w}x{h}", str(n), str(128 * n)]
+        n = len(tile_grid(h, w, config.tile))
+        row = [f"{w}x{h}", str(n), str(config.tokens_per_tile * n)]
         for k in (0, 1):
             row += [f"{np.mean([r[k] for r in results[((h, w), mode)]]):.2f}" if k == 0 else f"{np.mean([r[k] for r in results[((h, w), mode)]]):.4f}" for mode in MODES]
         lines.append("| " + " | ".join(row) + " |")
@@ -86,11 +87,11 @@ def main() -> None:
     sizes = SIZES[:2] if args.quick else SIZES
     t0 = time.perf_counter()
     train, first = measure(model, [f"skimage:{n}" for n in (TRAIN_PHOTOS[:2] if args.quick else TRAIN_PHOTOS)], sizes)
-    print(table(f"scikit-image photos ({len(train[(sizes[0], 'merged')])}, the demo model's training set)", train, sizes))
+    print(table(f"scikit-image photos ({len(train[(sizes[0], 'merged')])}, the demo model's training set)", train, sizes, model.config))
     if not args.quick:
         held, _ = measure(model, [f"sklearn:{n}" for n in HELD_OUT], sizes)
         print()
-        print(table("scikit-learn photos (2, held out)", held, sizes))
+        print(table("scikit-learn photos (2, held out)", held, sizes, model.config))
         figure(first, args.figure)
         print(f"\nwrote {args.figure}")
     print(f"({time.perf_counter() - t0:.0f} s)")

@@ -18,20 +18,21 @@ import time
 import numpy as np
 import onnxruntime as ort
 import torch
-from gpstoken_export.splat_function import DOMAIN, ONNX_OPSET, OP_TYPE, add_splat_function
+from gpstoken_core.official import SUPPORT
+from gpstoken_export.splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function
 from onnx import TensorProto, helper
 
 import gpstoken
 
 
 def one_node(with_function: bool, size: int) -> bytes:
-    node = helper.make_node(OP_TYPE, ["g", "f"], ["y"], domain=DOMAIN, height=size, width=size, support=3.0)
+    node = helper.make_node(OP_TYPE, ["g", "f"], ["y"], domain=DOMAIN, height=size, width=size, support=SUPPORT)
     graph = helper.make_graph(
         [node], "splat",
         [helper.make_tensor_value_info("g", TensorProto.FLOAT, ["B", "L", 5]), helper.make_tensor_value_info("f", TensorProto.FLOAT, ["B", "L", "C"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "C", size, size])],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     return (add_splat_function(model) if with_function else model).SerializeToString()
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from gpstoken_core import _gpstoken_partition as native
 from gpstoken_core.imageio import bundled_photo, center_crop_resize
+from gpstoken_core.official import MIN_REGION, PARTITION_LAMBDA
 from gpstoken_core.partition import partition
 
 _spec = importlib.util.spec_from_file_location(
@@ -46,7 +47,7 @@ def main() -> None:
     for tokens in (64, 128, 256):
         ref = statistics.median(median_seconds(lambda g=g: reference.partition(g, tokens), 2) for g in greys)
         ours = statistics.median(
-            median_seconds(lambda g=g: native.partition_many([g], [tokens], 2.5, 8, [None], 1), 7) for g in greys
+            median_seconds(lambda g=g: native.partition_many([g], [tokens], PARTITION_LAMBDA, MIN_REGION, [None], 1), 7) for g in greys
         )
         many = median_seconds(lambda: partition(batch, tokens), 3)
         one = median_seconds(lambda: partition(batch, tokens, threads=1), 2)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gpstoken_core.tiling import DECODE_MODES
+from gpstoken_core.official import MIN_REGION, PARTITION_LAMBDA, SUPPORT, TOKENS_PER_TILE
+from gpstoken_core.tiling import DECODE_MODES, TILE
 
 from .checkpoint import CheckpointError
 from gpstoken_core.imageio import ImageError, bundled_photo, center_crop_resize, load_image
@@ -249,10 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         "fit",
         help="fit Gaussian tokens to a photo through the differentiable splat op and draw them (no model)",
         description=(
-            "Place Gaussian tokens on a regular grid (official sigma = cell width / 3), solve their colours by "
-            "least squares, then optimize every parameter (sigma, rho, mean, colour) through gpstoken.splat. "
-            "Writes OUT/demo.png (input | grid render | grid Gaussians | optimized render | optimized Gaussians) "
-            "and OUT/gaussians.npz. Uses a photo bundled with scikit-image unless --image is given."
+            "An example of the splat op alone, no tokenizer model: place Gaussian tokens on a regular grid "
+            "(official sigma = cell width / 3), solve their colours by least squares, then optimize every "
+            "parameter (sigma, rho, mean, colour) through gpstoken.splat. Prints the PSNR before and after. "
+            "Writes OUT/fit.png (input | grid render | grid Gaussians | optimized render | optimized Gaussians) "
+            "and OUT/gaussians.npz (arrays 'initial' and 'optimized', each (L, 5) "
+            "sigma_x, sigma_y, rho, mu_x, mu_y over the image). "
+            "Uses a photo bundled with scikit-image unless --image is given."
         ),
     )
     fit.add_argument("--image", type=Path, help="an image file to use instead of the bundled photo")
@@ -260,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--size", type=positive_int, default=128, help="square working size in pixels (default 128)")
     fit.add_argument("--tokens", type=positive_int, default=256, help="number of tokens, rounded to a square (default 256)")
     fit.add_argument("--steps", type=positive_int, default=500, help="optimization steps (default 500)")
-    fit.add_argument("--support", type=float, default=3.0, help="support factor s of the splat (official: 3)")
+    fit.add_argument("--support", type=float, default=SUPPORT, help=f"support factor s of the splat (official: {SUPPORT:g})")
     fit.add_argument("--out", default="gpstoken_fit", help="output folder (default ./gpstoken_fit)")
     fit.set_defaults(run=_cmd_fit)
 
@@ -275,10 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     part.add_argument("image", nargs="?", type=Path, help="image file (default: a bundled photo)")
     part.add_argument("--photo", default="astronaut", help="skimage.data photo when no image is given")
-    part.add_argument("--tokens", type=positive_int, default=None, help="token count (default 128 per 256x256 tile)")
+    part.add_argument("--tokens", type=positive_int, default=None,
+                      help=f"token count (default {TOKENS_PER_TILE} per {TILE}x{TILE} tile)")
     part.add_argument("--size", type=int, default=256, help="resize short side + centre crop to this (0: keep; default 256)")
-    part.add_argument("--lam", type=float, default=2.5, help="entropy exponent lambda (official 2.5)")
-    part.add_argument("--min-size", type=positive_int, default=8, help="minimum region side (official 8)")
+    part.add_argument("--lam", type=float, default=PARTITION_LAMBDA,
+                      help=f"entropy exponent lambda (official {PARTITION_LAMBDA:g})")
+    part.add_argument("--min-size", type=positive_int, default=MIN_REGION,
+                      help=f"minimum region side (official {MIN_REGION})")
     part.add_argument("--focus", type=_box, action="append", help="x0,y0,x1,y1 box that attracts tokens (repeatable)")
     part.add_argument("--focus-mask", type=Path, help="image whose non-zero pixels attract tokens")
     part.add_argument("--focus-weight", type=float, default=200.0, help="priority per focused pixel (default 200)")

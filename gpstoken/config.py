@@ -11,6 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from gpstoken_core.official import MIN_REGION, PARTITION_LAMBDA, SUPPORT, TOKENS_PER_TILE
 from gpstoken_core.tiling import DECODE_MODES, TILE
 
 CONFIG_FORMAT = "gpstoken-tokenizer"  # written into config.json so other JSON files are recognised
@@ -44,11 +45,11 @@ class DecoderConfig:
 @dataclass(frozen=True)
 class TokenizerConfig:
     name: str = "m128"
-    tokens_per_tile: int = 128  # official gps_num: tokens per 256x256 tile
+    tokens_per_tile: int = TOKENS_PER_TILE  # official gps_num: tokens per tile x tile pixels
     feature_channels: int = 16  # official gps_c: width of the texture feature f
-    support: float = 3.0  # official gps_dmax: Gaussians are cut at |d| <= support * sigma
-    lam: float = 2.5  # entropy exponent of the partition (official gps_adaptive_w)
-    min_region: int = 8  # partition minimum region side (official adaptive_minhw default)
+    support: float = SUPPORT  # official gps_dmax: Gaussians are cut at |d| <= support * sigma
+    lam: float = PARTITION_LAMBDA  # entropy exponent of the partition (official gps_adaptive_w)
+    min_region: int = MIN_REGION  # partition minimum region side (official adaptive_minhw default)
     tile: int = TILE  # images larger than this are partitioned and encoded per tile
     # how an image of several tiles is decoded (gpstoken_core.tiling): "merged" = one map with per-tile
     # statistics (official S64/M128), "tiles" = each tile on its own (official L256)

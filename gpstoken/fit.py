@@ -1,7 +1,7 @@
 """Fitting Gaussian tokens directly to one image through the differentiable splat.
 
 This is no tokenizer (there is no encoder): it shows what the splat op and its gradients can do,
-and is what ``gpstoken demo`` runs.
+and is what ``gpstoken fit`` runs (``gpstoken demo`` runs the tokenizer instead).
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .splatting import DEFAULT_SUPPORT, splat
+from gpstoken_core.metrics import psnr
+from gpstoken_core.official import SUPPORT
+
+from .splatting import splat
 
 
 @dataclass
@@ -26,12 +29,6 @@ class FitResult:
     psnr_init: float
     psnr: float
     seconds: float
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB between two uint8 images."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def grid_gaussians(per_side: int) -> torch.Tensor:
@@ -48,13 +45,14 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def fit_gaussians(
-    image: np.ndarray, tokens: int = 256, steps: int = 300, support: float = DEFAULT_SUPPORT, progress: bool = True
+    image: np.ndarray, tokens: int = 256, steps: int = 300, support: float = SUPPORT, progress: bool = True
 ) -> FitResult:
     """Fit ``tokens`` (rounded to a square number) RGB Gaussians to an HxWx3 uint8 image."""
     start = time.perf_counter()
     per_side = max(1, round(math.sqrt(tokens)))
+    image = np.array(image, dtype=np.uint8)
     h, w = image.shape[:2]
-    target = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+    target = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
     g0 = grid_gaussians(per_side).float()  # (L, 5)
     L = g0.shape[0]
     # Least-squares colours for the fixed initial Gaussians: render each one alone, then solve.

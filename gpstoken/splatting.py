@@ -14,14 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
+from gpstoken_core.official import SUPPORT
+
 from ._ext import load_extension
 
-load_extension()  # registers torch.ops.gpstoken.*
+load_extension()  # registers torch.ops.gpstoken.* (schemas in plugins/torch/ops.cpp)
 
-# The op's name, declared once; export/ and the plugins use the same attribute names.
-OP_NAMESPACE = "gpstoken"
-OP_NAME = "gaussian_splat"
-DEFAULT_SUPPORT = 3.0  # the official configs' gps_dmax (the paper says 5)
+# The qualified names of the compiled operators, for torch.library and the ONNX exporter.
+SPLAT_OP = "gpstoken::gaussian_splat"
+SPLAT_BACKWARD_OP = "gpstoken::gaussian_splat_backward"
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 _UPCAST_DTYPES = (torch.float16, torch.bfloat16)
@@ -31,7 +32,7 @@ def splat(
     gaussians: torch.Tensor,
     features: torch.Tensor,
     size: Sequence[int],
-    support: float = DEFAULT_SUPPORT,
+    support: float = SUPPORT,
     *,
     check: bool = True,
 ) -> torch.Tensor:
@@ -63,7 +64,7 @@ def splat_reference(
     gaussians: torch.Tensor,
     features: torch.Tensor,
     size: Sequence[int],
-    support: float = DEFAULT_SUPPORT,
+    support: float = SUPPORT,
 ) -> torch.Tensor:
     """Dense plain-torch GaussianSplat: every Gaussian at every pixel. Same contract as ``splat``.
 
@@ -169,12 +170,12 @@ def _check_values(gaussians: torch.Tensor, features: torch.Tensor) -> None:
 # ---- autograd and fake (meta) kernels for the compiled op --------------------------------------
 
 
-@torch.library.register_fake("gpstoken::gaussian_splat")
+@torch.library.register_fake(SPLAT_OP)
 def _splat_fake(gaussians, features, height, width, support):
     return gaussians.new_empty((gaussians.shape[0], features.shape[2], height, width))
 
 
-@torch.library.register_fake("gpstoken::gaussian_splat_backward")
+@torch.library.register_fake(SPLAT_BACKWARD_OP)
 def _splat_backward_fake(grad_out, gaussians, features, height, width, support):
     return torch.empty_like(gaussians), torch.empty_like(features)
 
@@ -194,6 +195,4 @@ def _splat_backward(ctx, grad_out):
     return grad_gaussians, grad_features, None, None, None
 
 
-torch.library.register_autograd(
-    "gpstoken::gaussian_splat", _splat_backward, setup_context=_splat_setup_context
-)
+torch.library.register_autograd(SPLAT_OP, _splat_backward, setup_context=_splat_setup_context)

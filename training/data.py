@@ -18,6 +18,7 @@ from PIL import Image
 from gpstoken_core.imageio import ImageError
 from gpstoken.imagesets import SKIMAGE_PHOTOS, SKLEARN_PHOTOS, DataError, list_images, read_image  # noqa: F401 (re-exported)
 from gpstoken_core.partition import partition
+from gpstoken_core.tiling import TILE
 
 log = logging.getLogger("gpstoken.train")
 
@@ -51,7 +52,7 @@ class TokenizerDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, files: list[str], size: int, tokens: int, lam: float, min_region: int, flip: bool, scale_jitter: float, tile: int = 256
+        self, files: list[str], size: int, tokens: int, lam: float, min_region: int, flip: bool, scale_jitter: float, tile: int = TILE
     ):
         self.files, self.size, self.tokens, self.tile = files, size, tokens, tile
         self.lam, self.min_region, self.flip, self.scale_jitter = lam, min_region, flip, scale_jitter

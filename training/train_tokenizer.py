@@ -22,6 +22,7 @@ import torch
 
 from gpstoken.checkpoint import CheckpointError
 from gpstoken.config import TokenizerConfig
+from gpstoken_core.tiling import TILE
 from training import distributed
 from training import tokenizer_recipe as recipe
 from training.checkpointing import (
@@ -39,7 +40,7 @@ class TrainConfig:
     data: str = field(default="skimage:", metadata={"help": "image folder (recursive), list file, or skimage: / sklearn: bundled photos"})
     out: str = field(default="runs/tokenizer", metadata={"help": "run folder: checkpoints/, model/ (EMA weights), tensorboard/, log.jsonl"})
     model: str = field(default="tiny", metadata={"help": "config preset (tiny, s64, m128, l256) or a model folder to fine-tune"})
-    size: int = field(default=256, metadata={"help": "training crop size"})
+    size: int = field(default=TILE, metadata={"help": "training crop size"})
     tokens: int = field(default=0, metadata={"help": "tokens per crop (0: the model's tokens_per_tile)"})
     batch: int = field(default=16, metadata={"help": "global batch size (split over processes)"})
     steps: int = field(default=1000, metadata={"help": "total optimizer steps"})

@@ -9,7 +9,10 @@ import onnx
 import torch
 import torch.nn as nn
 
+from gpstoken.splatting import SPLAT_OP
 from gpstoken.tokenizer import GPSTokenizer
+from gpstoken_core.official import TOKENS_PER_TILE
+from gpstoken_core.tiling import TILE
 
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function, drop_splat_function
 
@@ -32,7 +35,7 @@ def register_splat_symbolic() -> None:
         out.setType(features.type().with_sizes([sizes[0], sizes[2], h, w]))  # (B, C, H, W)
         return out
 
-    torch.onnx.register_custom_op_symbolic("gpstoken::gaussian_splat", splat_symbolic, ONNX_OPSET)
+    torch.onnx.register_custom_op_symbolic(SPLAT_OP, splat_symbolic, ONNX_OPSET)
     _registered = True
 
 
@@ -93,7 +96,7 @@ def finish(path: Path) -> onnx.ModelProto:
 
 
 def export_decoder(
-    model: GPSTokenizer, path: str | Path, image_size=(256, 256), tokens: int = 128, grid=(1, 1)
+    model: GPSTokenizer, path: str | Path, image_size=(TILE, TILE), tokens: int = TOKENS_PER_TILE, grid=(1, 1)
 ) -> onnx.ModelProto:
     register_splat_symbolic()
     path = Path(path)
@@ -127,7 +130,9 @@ class EncoderGraph(nn.Module):
         return self.model.encoder(image, g_init, boxes)
 
 
-def export_encoder(model: GPSTokenizer, path: str | Path, image_size=(256, 256), tokens: int = 128) -> onnx.ModelProto:
+def export_encoder(
+    model: GPSTokenizer, path: str | Path, image_size=(TILE, TILE), tokens: int = TOKENS_PER_TILE
+) -> onnx.ModelProto:
     import numpy as np
 
     from gpstoken_core.imageio import bundled_photo, center_crop_resize

@@ -30,7 +30,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .splat_function import DOMAIN, DOMAIN_VERSION, OP_TYPE, drop_splat_function, splat_nodes
+from gpstoken_core.official import SUPPORT
+
+from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, drop_splat_function, splat_nodes
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
@@ -61,7 +63,7 @@ def register_pluginref() -> None:
 
     @references.register(OP_TYPE)
     def _gaussian_splat(attrs, g, f):
-        out = splat_numpy(g, f, int(attrs["height"]), int(attrs["width"]), float(attrs.get("support", 3.0)))
+        out = splat_numpy(g, f, int(attrs["height"]), int(attrs["width"]), float(attrs.get("support", SUPPORT)))
         return [out.astype(np.asarray(f).dtype)]
 
 
@@ -79,7 +81,7 @@ def splat_model(decoder_path: Path, out: Path) -> dict:
          helper.make_tensor_value_info("f", TensorProto.FLOAT, ["batch", "tokens", "channels"])],
         [helper.make_tensor_value_info("map", TensorProto.FLOAT, ["batch", "channels", attrs["height"], attrs["width"]])],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     onnx.save(model, str(out))
     return attrs
 

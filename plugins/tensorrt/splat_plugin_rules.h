@@ -2,7 +2,7 @@
 // how they are validated, which dtypes/layouts it accepts, what shapes it needs and produces.
 //
 // The plugin (gaussian_splat_plugin.cpp) translates TensorRT's structs into these and back, so this
-// header is what the CPU-only test (tests/plugin_rules_test.cpp) checks on machines without TensorRT.
+// header is what the CPU-only test (tests/rules_test.cpp) checks on machines without TensorRT.
 #pragma once
 
 #include <cmath>
@@ -19,7 +19,7 @@ inline constexpr char kPluginVersion[] = "1";
 inline constexpr int kNumInputs = 2;    // gaussians (B, L, 5), features (B, L, C)
 inline constexpr int kNumOutputs = 1;   // rendered map (B, C, H, W)
 inline constexpr int kMaxSide = 32768;  // image side limit: keeps H * W far from int32 overflow
-inline constexpr float kDefaultSupport = 3.0f;  // the official configs' support factor
+inline constexpr float kDefaultSupport = 3.0f;  // official gps_dmax; = SUPPORT in gpstoken_core/official.py
 
 // The field types the plugin may receive (a subset of nvinfer1::PluginFieldType, mapped by the plugin).
 enum class FieldKind { kInt32, kInt64, kFloat32, kFloat64, kOther };

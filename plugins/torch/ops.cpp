@@ -1,6 +1,6 @@
 // The torch operators gpstoken::gaussian_splat and gpstoken::gaussian_splat_backward: schemas
 // (declared once, here) and the CPU implementation. Autograd and the fake (meta) kernels are
-// registered from Python in gpstoken/splat.py.
+// registered from Python in gpstoken/splatting.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

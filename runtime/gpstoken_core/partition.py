@@ -1,8 +1,9 @@
 """Spatially-adaptive initialization (paper Alg. 1) and Gaussian calibration (Alg. 2).
 
 The rules run in C++ (``_gpstoken_partition``, numpy only, shared with the slim runtime); this module
-handles images, tiles, user priority and errors. Defaults are the official training values: lambda 2.5,
-minimum region size 8 (the paper says 4), 256x256 tiles.
+handles images, tiles, user priority and errors. Defaults are the official training values of
+``gpstoken_core.official`` (lambda 2.5, minimum region size 8 where the paper says 4, 128 tokens per
+tile) and the 256x256 tile of ``gpstoken_core.tiling``.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import numpy as np
 
 from . import _gpstoken_partition as _native  # the C++ module, installed into this package
 from .imageio import MAX_PIXELS, ImageError, to_rgb_uint8
+from .official import MIN_REGION, PARTITION_LAMBDA, TOKENS_PER_TILE
 from .tiling import TILE, tile_grid
 
-DEFAULT_TOKENS_PER_TILE = 128  # M128
 DEFAULT_PRIORITY_WEIGHT = 200.0  # per pixel; typical photo regions have m / area = H^2.5 of ~30..90
 
 
@@ -64,8 +65,8 @@ def _check_priority(priority, height: int, width: int) -> np.ndarray | None:
 def partition(
     image: np.ndarray,
     num_tokens: int | None = None,
-    lam: float = 2.5,
-    min_size: int = 8,
+    lam: float = PARTITION_LAMBDA,
+    min_size: int = MIN_REGION,
     priority: np.ndarray | None = None,
     *,
     tile: int = TILE,
@@ -74,8 +75,9 @@ def partition(
     """Alg. 1 on one HxWx3 image or a batch (N, H, W, 3); a batch returns a list, computed in parallel.
 
     Args:
-        num_tokens: total tokens; default 128 per tile (scaled with area). Spread over tiles as evenly
-            as possible, each tile partitioned on its own (the official high-resolution scheme).
+        num_tokens: total tokens; default 128 (``TOKENS_PER_TILE``) per tile, so scaled with area. Spread
+            over tiles as evenly as possible, each tile partitioned on its own (the official
+            high-resolution scheme).
         lam: entropy exponent lambda. min_size: no region side is split below this (official 8).
         priority: optional (H, W) map added to region complexity (official ``cdbias``); see
             ``priority_from_boxes`` / ``priority_from_mask``. For a batch, one map or a list.
@@ -104,7 +106,7 @@ def partition(
             raise ImageError(f"{name}: {w}x{h} is too small: both sides must be >= 2 * min_size = {2 * min_size}")
         pri = _check_priority(pri, h, w)
         tiles = tile_grid(h, w, tile)
-        total = DEFAULT_TOKENS_PER_TILE * len(tiles) if num_tokens is None else int(num_tokens)
+        total = TOKENS_PER_TILE * len(tiles) if num_tokens is None else int(num_tokens)
         if total < len(tiles):
             raise ValueError(f"num_tokens must be >= 1 per tile ({len(tiles)} tiles), got {total}")
         counts = _split_count(total, len(tiles))

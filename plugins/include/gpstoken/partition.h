@@ -19,6 +19,8 @@ struct Region {
   int height() const { return y1 - y0 + 1; }
 };
 
+// The defaults are the official ones, as in gpstoken_core/official.py (TOKENS_PER_TILE,
+// PARTITION_LAMBDA, MIN_REGION); Python always passes its values.
 struct Options {
   int num_tokens = 128;
   double lam = 2.5;   // lambda, the entropy exponent (official configs; the paper's value too)

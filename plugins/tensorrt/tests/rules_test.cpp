@@ -1,5 +1,5 @@
 // CPU test of the GaussianSplat plugin's rules (splat_plugin_rules.h), without TensorRT.
-// Built by CMake as gpstoken_trt_rules_test and run by tests/test_tensorrt_plugin.py. Prints every
+// Built by CMake as gpstoken_trt_rules_test and run by tests/test_tensorrt.py. Prints every
 // failed check and exits non-zero if any failed.
 #include <cmath>
 #include <cstdint>

@@ -258,6 +258,7 @@ def encode_dataset(
         tensors, skipped = _encode_rows(images, rows(k), tokenizer, size, num_tokens, batch, flip, bar)
         meta = {key: json.dumps(info[key]) for key in SHARED_FACTS} | {
             "format": SHARD_FORMAT, "shard": str(k), "rows": str(len(tensors["label"])), "skipped": json.dumps(skipped),
+            "written_by": f"{rank}/{world}",  # process / process count, for the record
         }  # fmt: skip
         _write_shard(out / shard_name(k, info["num_shards"]), tensors, meta, k)
         _crash_point("after_shard", k)

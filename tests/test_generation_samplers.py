@@ -240,7 +240,7 @@ def test_generation_cli_registers_without_importing_torch():
         from gpstoken.generation.cli import register
         parser = argparse.ArgumentParser()
         register(parser.add_subparsers(dest="command"))
-        parser.parse_args(["generate", "folder", "--labels", "1"])
+        parser.parse_args(["generate", "--model", "folder", "--class", "1", "--out", "o"])
         print("torch loaded" if "torch" in sys.modules else "ok")
         """
     )

@@ -22,11 +22,14 @@ _LAZY = {
     "velocity_loss": ".transport",
     "texture_targets": ".transport",
     "GPSGenerator": ".pipeline",
+    "Generation": ".pipeline",
+    "pipeline_picture": ".pictures",
     "LayoutBank": ".layouts",
     "calibrate_layouts": ".layouts",
     "check_layout": ".layouts",
     "convert_official_generator": ".convert",
     "convert_official_layout_bank": ".convert",
+    "convert_official_generator_folder": ".convert",
     "restricted_pickle_load": ".convert",
 }
 

@@ -169,6 +169,51 @@ def convert_official_generator(
     return Path(out)
 
 
+def convert_official_generator_folder(
+    checkpoint: str | Path,
+    out: str | Path,
+    tokenizer: str | Path,
+    layouts: str | Path | None = None,
+    config: str | Path | None = None,
+    heads: int | None = None,
+):
+    """``generator.safetensors`` + a gpstoken tokenizer folder (+ the converted layout bank) -> a whole
+    generator folder ``out`` (tokenizer/, texture/, layout_bank.safetensors) for ``GPSGenerator`` and
+    ``gpstoken generate --model``. Every part is read and checked against the others (token count, feature
+    channels, classes) before ``out`` is written; it appears complete or not at all."""
+    from ..tokenizer import GPSTokenizer
+    from .pipeline import GPSGenerator
+
+    path = Path(checkpoint)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: only .safetensors generator files are read (pickle files are never loaded)")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: exists and is not empty; choose a new folder")
+    stats = read_official_stats(config) if config is not None else None
+    tensors, _ = load_tensors(path)
+    texture = convert_official_generator_state_dict(tensors, str(path), stats, heads)
+    tok = GPSTokenizer.from_pretrained(tokenizer)
+    bank = None
+    if layouts is not None:
+        if Path(layouts).suffix != ".safetensors":
+            raise CheckpointError(f"{layouts}: give the layout bank from `gpstoken convert-official-layouts` (.safetensors)")
+        bank = LayoutBank.load(layouts)
+        if bank.num_classes != texture.config.num_classes:
+            raise CheckpointError(
+                f"{layouts}: a bank for {bank.num_classes} classes, the generator has {texture.config.num_classes}"
+            )
+    try:
+        gen = GPSGenerator(texture, tok, layout_bank=bank)
+    except ValueError as err:
+        raise CheckpointError(f"{path} with {tokenizer}: {err}") from None
+    try:
+        gen.save_pretrained(out)
+    except FileExistsError as err:
+        raise CheckpointError(str(err)) from None
+    return gen
+
+
 # ----------------------------------------------------------------------------- restricted pickle
 _ALLOWED_GLOBALS = {
     (module, name)

@@ -16,6 +16,7 @@ noise from a device generator, so its images depend on the device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -151,23 +152,31 @@ class GPSGenerator:
         sampler: str = "heun",
         cfg_scale: float = 1.0,
         calibrate: bool = True,
+        progress: bool = False,
     ) -> torch.Tensor:
         """(B, L, 5) g_init from the layout model (ODE, ``steps`` steps), calibrated by Alg. 2; or from the
         layout bank when there is no layout model."""
+        return self._layouts(labels, rng, steps, sampler, cfg_scale, calibrate, progress)[1]
+
+    def _layouts(self, labels, rng, steps, sampler, cfg_scale, calibrate, progress) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sampled, used) layouts: the layout model's raw output and its calibration (or the bank's pick
+        twice)."""
         y = labels if isinstance(labels, torch.Tensor) else self._labels(labels)
         if self.layout is None:
             if self.layout_bank is None:
                 raise ValueError("this generator has no layout model and no layout bank: pass g_init=")
-            return self.layout_bank.sample(y.cpu().numpy(), rng).to(self.device)
+            g = self.layout_bank.sample(y.cpu().numpy(), rng).to(self.device)
+            return g, g
         if sampler not in ("euler", "heun"):
             raise ValueError(f"unknown layout sampler {sampler!r}; choose euler or heun")
         cfg = self.layout.config
         b = len(y)
         z = torch.from_numpy(core.normal_float32(rng, (b, cfg.num_tokens, cfg.in_channels))).to(self.device)
         x = z if cfg_scale == 1.0 else torch.cat([z, z])
-        x = sample_ode(model_velocity(self.layout, y, None, cfg_scale), x, steps, method=sampler)
+        with _bar(steps, f"layout {sampler}", progress) as bar:
+            x = sample_ode(model_velocity(self.layout, y, None, cfg_scale), x, steps, method=sampler, progress=bar)
         g = self.layout.denormalize(x[:b])
-        return calibrate_layouts(g, (self.tokenizer.config.tile,) * 2, self.s_min) if calibrate else g
+        return g, (calibrate_layouts(g, (self.tokenizer.config.tile,) * 2, self.s_min) if calibrate else g)
 
     def sample_tokens(
         self,
@@ -182,14 +191,39 @@ class GPSGenerator:
         layout_cfg_scale: float = 1.0,
         g_init=None,
         calibrate: bool | None = None,
+        progress: bool = False,
     ) -> Tokens:
         """Generate tokens for class ids ``labels`` (B,).
 
         cfg_scale / guidance: CFG on the texture stage, active for guidance[0] <= t <= guidance[1] (t units;
         official 1.5 and (0.2, 1.0)). sampler: "sde" (official Euler-Maruyama, ``texture_steps`` points) or
         the fixed-step ODEs "euler" / "heun". g_init: a given layout (B, L, 5) or (L, 5) for every label;
-        ``calibrate`` runs Alg. 2 on it (default: only on the layout model's output).
+        ``calibrate`` runs Alg. 2 on it (default: only on the layout model's output). progress: a progress
+        bar (stderr) over each stage's sampling steps.
         """
+        return self.generate(
+            labels, seed, cfg_scale, guidance, layout_steps, texture_steps, sampler, layout_sampler,
+            layout_cfg_scale, g_init, calibrate, progress, decode=False,
+        ).tokens  # fmt: skip
+
+    def generate(
+        self,
+        labels,
+        seed: int = 0,
+        cfg_scale: float = core.CFG_SCALE,
+        guidance: tuple[float, float] = (core.GUIDANCE_LOW, core.GUIDANCE_HIGH),
+        layout_steps: int = 5,
+        texture_steps: int = core.SDE_STEPS,
+        sampler: str = "sde",
+        layout_sampler: str = "heun",
+        layout_cfg_scale: float = 1.0,
+        g_init=None,
+        calibrate: bool | None = None,
+        progress: bool = False,
+        decode: bool = True,
+    ) -> Generation:
+        """Every stage of a generation: the sampled and the calibrated layout, the tokens, the images.
+        Options as ``sample_tokens``; ``decode=False`` skips the decoder (``images`` is None)."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
         core.check_guidance(cfg_scale, *guidance)
@@ -202,19 +236,19 @@ class GPSGenerator:
         tc = self.texture.config
         tile = self.tokenizer.config.tile
 
-        cond = None
+        sampled = cond = None
         if self.two_stage:
             if g_init is not None:
-                cond = check_layout(g_init, tc.num_tokens, "g_init").to(self.device)
+                sampled = cond = check_layout(g_init, tc.num_tokens, "g_init").to(self.device)
                 if cond.shape[0] == 1 and b > 1:
-                    cond = cond.expand(b, -1, -1)
+                    sampled = cond = cond.expand(b, -1, -1)
                 if cond.shape[0] != b:
                     raise ValueError(f"g_init holds {cond.shape[0]} layouts for {b} labels")
                 if calibrate:
                     cond = calibrate_layouts(cond, (tile, tile), self.s_min)
             else:
-                cond = self.sample_layouts(
-                    y, rng, layout_steps, layout_sampler, layout_cfg_scale, calibrate=calibrate is not False
+                sampled, cond = self._layouts(
+                    y, rng, layout_steps, layout_sampler, layout_cfg_scale, calibrate is not False, progress
                 )
             cond = check_layout(cond, tc.num_tokens, "layout").to(self.device)
         elif g_init is not None:
@@ -225,15 +259,18 @@ class GPSGenerator:
             guided = cfg_scale != 1.0
             x = torch.cat([z, z]) if guided else z
             velocity = model_velocity(self.texture, y, cond, cfg_scale, guidance)
-            if sampler == "sde":
-                x = sample_sde(velocity, x, texture_steps, generator=core.pcg64_draw(rng, rows=2 * b))
-            else:
-                x = sample_ode(velocity, x, texture_steps, method=sampler)
+            with _bar(texture_steps, f"texture {sampler}", progress) as bar:
+                if sampler == "sde":
+                    x = sample_sde(velocity, x, texture_steps, generator=core.pcg64_draw(rng, rows=2 * b), progress=bar)
+                else:
+                    x = sample_ode(velocity, x, texture_steps, method=sampler, progress=bar)
             out = self.texture.denormalize(x[:b])
             g = out[..., :5] + cond if self.two_stage else out[..., :5]  # g = g_init_cal + dg
             g = clamp_gaussians(g)
             f = out[..., 5:]
-        return Tokens(g=g, f=f, image_size=(tile, tile), g_init=cond)
+        tokens = Tokens(g=g, f=f, image_size=(tile, tile), g_init=cond)
+        images = self.decode(tokens) if decode else None
+        return Generation(labels=y.cpu().numpy(), tokens=tokens, layout_sampled=sampled, images=images)
 
     def decode(self, tokens: Tokens) -> np.ndarray:
         """(B, H, W, 3) uint8 images of tokens."""
@@ -242,7 +279,41 @@ class GPSGenerator:
 
     def sample(self, labels, seed: int = 0, **kwargs) -> np.ndarray:
         """(B, H, W, 3) uint8 images for class ids ``labels``; options as ``sample_tokens``."""
-        return self.decode(self.sample_tokens(labels, seed=seed, **kwargs))
+        return self.generate(labels, seed=seed, **kwargs).images
+
+
+@dataclass
+class Generation:
+    """The stages of one batch: ``layout_sampled`` (B, L, 5) is the layout model's raw g_init (or the bank's
+    / the given one; None for one-stage), ``tokens.g_init`` the calibrated layout the texture model saw,
+    ``tokens.g`` the refined Gaussians, ``images`` (B, H, W, 3) uint8."""
+
+    labels: np.ndarray
+    tokens: Tokens
+    layout_sampled: torch.Tensor | None
+    images: np.ndarray | None
+
+
+class _bar:
+    """A tqdm bar over ``steps`` sampling steps (stderr) whose instance is the per-step callback; a
+    no-op when disabled, so the samplers need no tqdm."""
+
+    def __init__(self, steps: int, desc: str, enabled: bool):
+        self.tqdm = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.tqdm = tqdm(total=int(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=0.5)
+
+    def __enter__(self):
+        return self if self.tqdm is not None else None
+
+    def __call__(self) -> None:
+        self.tqdm.update(1)
+
+    def __exit__(self, *exc) -> None:
+        if self.tqdm is not None:
+            self.tqdm.close()
 
 
 def _check_steps(name: str, steps, least: int) -> None:

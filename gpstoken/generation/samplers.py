@@ -15,12 +15,18 @@ from .models import SiT
 
 
 def sample_ode(
-    velocity, x: torch.Tensor, steps: int, method: str = "euler", t_start: float = 0.0, t_end: float = 1.0
+    velocity,
+    x: torch.Tensor,
+    steps: int,
+    method: str = "euler",
+    t_start: float = 0.0,
+    t_end: float = 1.0,
+    progress=None,
 ) -> torch.Tensor:
     """Fixed-step ODE from t_start to t_end: ``steps`` integration steps, "euler" (1 call per step) or
-    "heun" (2 calls per step, second order)."""
+    "heun" (2 calls per step, second order). ``progress()``, if given, runs after each step."""
     with torch.no_grad():
-        return core.sample_ode(velocity, x, steps, method=method, t_start=t_start, t_end=t_end)
+        return core.sample_ode(velocity, x, steps, method=method, t_start=t_start, t_end=t_end, progress=progress)
 
 
 def noise_source(generator, device: torch.device):
@@ -46,12 +52,14 @@ def sample_sde(
     t_end: float = core.SDE_T_END,
     diffusion: str = "sbdm",
     last_step: str = "mean",
+    progress=None,
 ) -> torch.Tensor:
     """Euler-Maruyama on the official grid (``steps`` points linspace(t_start, t_end)), then the last step.
 
     Per step one float32 standard normal of x's shape is drawn from ``generator`` (None: torch's global
     CPU RNG, as the official code) and cast to x's dtype; one velocity call per step (the official code
-    calls the model twice, for drift and score, with the same result).
+    calls the model twice, for drift and score, with the same result). ``progress()``, if given, runs
+    after each of the ``steps`` steps.
     """
     with torch.no_grad():
         return core.sample_sde(
@@ -63,6 +71,7 @@ def sample_sde(
             t_end=t_end,
             diffusion=diffusion,
             last_step=last_step,
+            progress=progress,
         )
 
 

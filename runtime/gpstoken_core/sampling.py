@@ -32,6 +32,7 @@ from typing import Any
 Array = Any  # numpy.ndarray or torch.Tensor
 Velocity = Callable[[Array, Array], Array]
 Draw = Callable[[tuple], Array]
+Progress = Callable[[], None]  # called once after each integration step (e.g. a progress bar's update)
 
 ODE_METHODS = ("euler", "heun")
 DIFFUSIONS = ("sbdm", "sigma")
@@ -171,14 +172,23 @@ def heun_step(velocity: Velocity, x: Array, t: float, dt: float) -> Array:
 
 
 def sample_ode(
-    velocity: Velocity, x: Array, steps: int, method: str = "euler", t_start: float = 0.0, t_end: float = 1.0
+    velocity: Velocity,
+    x: Array,
+    steps: int,
+    method: str = "euler",
+    t_start: float = 0.0,
+    t_end: float = 1.0,
+    progress: Progress | None = None,
 ) -> Array:
-    """Integrate dx/dt = velocity(x, t) from t_start to t_end with ``steps`` fixed steps."""
+    """Integrate dx/dt = velocity(x, t) from t_start to t_end with ``steps`` fixed steps; ``progress()``
+    after each step."""
     method = _choice(method, ODE_METHODS, "ODE method")
     grid = ode_grid(steps, t_start, t_end)
     step = euler_step if method == "euler" else heun_step
     for t0, t1 in zip(grid[:-1], grid[1:]):
         x = step(velocity, x, t0, t1 - t0)
+        if progress is not None:
+            progress()
     return x
 
 
@@ -192,10 +202,12 @@ def sample_sde(
     t_end: float = SDE_T_END,
     diffusion: str = "sbdm",
     last_step: str = "mean",
+    progress: Progress | None = None,
 ) -> Array:
     """Euler-Maruyama on the official grid, then the last step to t = 1 (see the module docstring).
 
-    ``draw(shape)`` returns a float32 standard normal array (numpy or x's namespace) per step.
+    ``draw(shape)`` returns a float32 standard normal array (numpy or x's namespace) per step;
+    ``progress()`` is called after each of the ``steps`` steps (the last one included).
     """
     diffusion = _choice(diffusion, DIFFUSIONS, "diffusion")
     last_step = _choice(last_step, LAST_STEPS, "last step")
@@ -209,12 +221,16 @@ def sample_sde(
         w = diffusion_coefficient(t, diffusion)
         mean = x + sde_drift(v, x, t, diffusion) * dt
         x = mean + eps * (math.sqrt(2.0 * w) * math.sqrt(dt))
+        if progress is not None:
+            progress()
     t = grid[-1]
     h = 1.0 - t
     if last_step == "mean":
         x = x + sde_drift(velocity(x, ops.time(t, x)), x, t, diffusion) * h
     elif last_step == "euler":
         x = x + velocity(x, ops.time(t, x)) * h
+    if progress is not None:
+        progress()
     return x
 
 

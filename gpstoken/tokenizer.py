@@ -11,37 +11,32 @@ path. ``decode`` returns float images in about [-1, 1]; ``to_uint8`` converts th
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import re
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from gpstoken_core.tiling import DecoderSpec, check_decode_mode, decode_jobs, encode_groups
 
-from .checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    CheckpointError,
-    atomic_write_text,
-    describe_mismatch,
-    load_tensors,
-    read_json,
-    save_tensors,
-)
-from .config import TokenizerConfig, preset
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_tensors
+from .config import PRESETS, TokenizerConfig, preset
 from .decoder import GaussianDecoder
 from .encoder import GaussianEncoder
 from gpstoken_core.imageio import ImageError, to_rgb_uint8
 from gpstoken_core.partition import Partition, partition
+from .modeling import HubFiles, PretrainedModel
 from .tokens import Tokens
 
 _RANGE_SLACK = 1e-3
 
 
-class GPSTokenizer(nn.Module):
+class GPSTokenizer(PretrainedModel):
+    config_class = TokenizerConfig
+    config_metadata_key = "gpstoken_config"  # the key of every saved tokenizer, the shipped tiny model's too
+    kind = "model"
+    official_converter = "gpstoken convert-official FILE --config m128 --out DIR"
+
     def __init__(self, config: TokenizerConfig | str | None = None):
         super().__init__()
         if config is None or isinstance(config, str):
@@ -51,58 +46,38 @@ class GPSTokenizer(nn.Module):
         self.decoder = GaussianDecoder(config)
 
     # ----------------------------------------------------------------- files
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (float32) into ``folder``, each atomically."""
-        folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise CheckpointError(f"{folder}: exists and is not a folder")
-        config_json = self.config.to_json()
-        state = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict().items()}
-        save_tensors(folder / WEIGHTS_FILE, state, metadata={"gpstoken_config": config_json})
-        atomic_write_text(folder / CONFIG_FILE, config_json + "\n")
-        return folder
+    # save_pretrained / from_pretrained / load_weights: gpstoken.modeling.PretrainedModel
+    @classmethod
+    def looks_official(cls, tensors: dict) -> bool:
+        return any(k.startswith(("attnblocks.", "preprocess_img.", "ema_model.attnblocks.")) for k in tensors)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> GPSTokenizer:
-        """Load a folder written by ``save_pretrained`` (or its ``model.safetensors`` alone)."""
-        path = Path(path)
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such model folder or file")
-        weights_path = path / WEIGHTS_FILE if path.is_dir() else path
-        tensors, metadata = load_tensors(weights_path)
-        embedded = metadata.get("gpstoken_config")
-        if path.is_dir() and (path / CONFIG_FILE).exists():
-            config_data = read_json(path / CONFIG_FILE)
-            if embedded is not None and json.loads(embedded) != config_data:
-                raise CheckpointError(
-                    f"{path}: {CONFIG_FILE} and {WEIGHTS_FILE} come from different saves (the config stored in the "
-                    "weights differs); re-save the model or restore the matching config"
-                )
-        elif embedded is not None:
-            config_data = json.loads(embedded)
-        else:
-            raise CheckpointError(
-                f"{weights_path}: has no gpstoken config (no {CONFIG_FILE} beside it and none in its metadata)"
-                + _official_hint(tensors)
-            )
-        try:
-            config = TokenizerConfig.from_dict(config_data)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{path}: bad config ({err})") from None
-        model = cls(config)
-        model.load_weights(tensors, source=str(weights_path))
-        return model.to(device).eval()
+    def _from_hub_fallback(cls, hub: HubFiles) -> GPSTokenizer:
+        """The official repository's layout: ``gpstoken_{s64,m128,l256}.safetensors``, converted on load.
 
-    def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
-        """Load a state dict strictly; CheckpointError lists missing, unexpected and mis-shaped tensors."""
-        expected = {k: v.shape for k, v in self.state_dict().items()}
-        problem = describe_mismatch(expected, tensors, f"{source} ({self.config.name} config)")
-        if problem:
-            raise CheckpointError(problem + _official_hint(tensors))
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise CheckpointError(f"{source}: non-finite values in {', '.join(bad[:5])}")
-        self.load_state_dict(tensors, strict=True)
+        The size comes from the subfolder or repository name (``GPSToken-M128``: m128, see ``official_size``);
+        the file is looked for in the subfolder, then at the repository root. Nothing converted is written:
+        the hub cache keeps the official file, and conversion is a checked renaming of its tensors."""
+        from .convert import convert_official_state_dict
+
+        size = official_size(hub.subfolder or "") or official_size(hub.repo_id.split("/")[-1])
+        if size is None:
+            raise hub.not_found(
+                f"gpstoken model folder ({CONFIG_FILE} + {WEIGHTS_FILE}); for an official file name its size "
+                f"({', '.join(OFFICIAL_SIZES)}) in the subfolder, e.g. subfolder='GPSToken-M128'"
+            )
+        filename = f"gpstoken_{size}.safetensors"
+        path = hub.get(filename)
+        if path is None and hub.subfolder:
+            path = hub.get(filename, subfolder=None)
+        if path is None:
+            raise hub.not_found(f"gpstoken model folder or official {filename}")
+        config = preset(size)
+        tensors, _ = load_tensors(path)
+        source = f"{hub.repo_id}:{filename}"
+        model = cls(config)
+        model.load_weights(convert_official_state_dict(tensors, config, source=source), source=source)
+        return model
 
     # ----------------------------------------------------------------- inputs
     def prepare(self, images) -> tuple[torch.Tensor, np.ndarray]:
@@ -267,9 +242,6 @@ class GPSTokenizer(nn.Module):
         if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= len(tiles)):
             raise ValueError(f"tokens.tile_index must be in [0, {len(tiles)}) (the tile count), got {int(ids.min())}..{int(ids.max())}")
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(image.shape[-2:]) == tuple(size):
@@ -283,10 +255,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
-def _official_hint(tensors: dict) -> str:
-    if any(k.startswith(("attnblocks.", "preprocess_img.", "ema_model.attnblocks.")) for k in tensors):
-        return (
-            "\nThis looks like an official GPSToken checkpoint: convert it first with "
-            "`gpstoken convert-official FILE --config m128 --out DIR`."
-        )
-    return ""
+OFFICIAL_SIZES = ("s64", "m128", "l256")
+
+
+def official_size(name: str) -> str | None:
+    """The config preset a name mentions (``GPSToken-M128``: m128, ``gpstoken_l256``: l256), or None.
+
+    Any preset counts, not only the official three: ``convert-official --config tiny`` converts a file of
+    official names at tiny shapes too, and such a file is what the offline tests serve."""
+    low = name.lower()
+    found = {p for p in PRESETS if re.search(rf"(?<![a-z0-9]){re.escape(p)}(?![a-z0-9])", low)}
+    return found.pop() if len(found) == 1 else None

@@ -12,9 +12,7 @@ carries condition statistics (the official model reads raw g_init).
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -22,16 +20,7 @@ import torch.nn.functional as F
 
 from gpstoken_core import sampling as core
 
-from ..checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    CheckpointError,
-    atomic_write_text,
-    describe_mismatch,
-    load_tensors,
-    read_json,
-    save_tensors,
-)
+from ..modeling import PretrainedModel
 from .config import SiTConfig, preset
 
 
@@ -149,12 +138,17 @@ class FinalLayer(nn.Module):
 #################################################################################
 
 
-class SiT(nn.Module):
+class SiT(PretrainedModel):
     """Scalable interpolant transformer over L tokens of C channels.
 
     forward(x (B, L, C), t (B,) in [0, 1] (0 noise, 1 data), y (B,) int64, cond (B, L, 5) or None)
     returns the velocity (B, L, C). A float or 0-d t is broadcast to the batch.
     """
+
+    config_class = SiTConfig
+    config_metadata_key = "gpstoken_generator_config"  # the key of every saved generator model
+    kind = "generator"
+    official_converter = "gpstoken convert-official-generator FILE --out DIR"
 
     def __init__(self, config: SiTConfig | str | None = None):
         super().__init__()
@@ -269,59 +263,10 @@ class SiT(nn.Module):
         )
 
     # ----------------------------------------------------------------- files
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (float32), each atomically."""
-        folder = Path(folder)
-        if folder.exists() and not folder.is_dir():
-            raise CheckpointError(f"{folder}: exists and is not a folder")
-        config_json = self.config.to_json()
-        state = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict().items()}
-        save_tensors(folder / WEIGHTS_FILE, state, metadata={"gpstoken_generator_config": config_json})
-        atomic_write_text(folder / CONFIG_FILE, config_json + "\n")
-        return folder
-
+    # save_pretrained / from_pretrained / load_weights: gpstoken.modeling.PretrainedModel
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> SiT:
-        path = Path(path)
-        if not path.exists():
-            raise CheckpointError(f"{path}: no such generator folder or file")
-        weights = path / WEIGHTS_FILE if path.is_dir() else path
-        tensors, metadata = load_tensors(weights)
-        embedded = metadata.get("gpstoken_generator_config")
-        if path.is_dir() and (path / CONFIG_FILE).exists():
-            data = read_json(path / CONFIG_FILE)
-            if embedded is not None and SiTConfig.from_dict(json.loads(embedded)) != _config(data, path):
-                raise CheckpointError(f"{path}: {CONFIG_FILE} and {WEIGHTS_FILE} come from different saves")
-        elif embedded is not None:
-            data = json.loads(embedded)
-        else:
-            raise CheckpointError(
-                f"{weights}: has no generator config; official files need "
-                "`gpstoken convert-official-generator FILE --out DIR` first"
-            )
-        model = cls(_config(data, path))
-        model.load_weights(tensors, source=str(weights))
-        return model.to(device).eval()
-
-    def load_weights(self, tensors: dict[str, torch.Tensor], source: str = "weights") -> None:
-        expected = {k: v.shape for k, v in self.state_dict().items()}
-        problem = describe_mismatch(expected, tensors, f"{source} ({self.config.name} config)")
-        if problem:
-            raise CheckpointError(problem)
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise CheckpointError(f"{source}: non-finite values in {', '.join(bad[:5])}")
-        self.load_state_dict(tensors, strict=True)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-
-def _config(data: dict, path: Path) -> SiTConfig:
-    try:
-        return SiTConfig.from_dict(data)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: bad generator config ({err})") from None
+    def looks_official(cls, tensors: dict) -> bool:
+        return "x_embedder.proj.weight" in tensors or any(k.startswith("ema_model.") for k in tensors)
 
 
 #################################################################################

@@ -158,6 +158,8 @@ def train(cfg: GeneratorTrainConfig, ddp: distributed.Distributed) -> int:
     ddp.seed(cfg.seed)
     model = SiT(mc).to(device).train()
     model.y_embedder.dropout = 0.0  # label dropout is drawn per sample in sample_noise (split-independent)
+    if mc.cond_channels and mc.cond_mode == "input":
+        model.pos_embed.requires_grad_(False)  # unused: the layout takes its place (official); DDP wants every grad
     ema = EMA(model, cfg.ema_decay, power=None, update_after_step=-1)  # SiT: constant decay from step 0
     opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_class(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

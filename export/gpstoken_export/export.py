@@ -20,7 +20,7 @@ import gpstoken
 from gpstoken.tokenizer import GPSTokenizer
 from gpstoken_core.files import atomic_folder
 from gpstoken_core.manifest import ENCODER, graph_entry, write_manifest
-from gpstoken_core.tiling import DECODE_MODES, DecoderSpec, decoder_specs
+from gpstoken_core.tiling import DECODE_MODES, TILE, DecoderSpec, decoder_specs
 
 from .onnx_export import export_decoder, export_encoder, to_float16
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, SPLAT_ATTRIBUTES
@@ -48,7 +48,7 @@ def graph_name(spec: DecoderSpec, tile: int) -> str:
 def export_model(
     model: GPSTokenizer,
     out: str | Path,
-    sizes=((256, 256),),
+    sizes=((TILE, TILE),),
     dtype: str = "float32",
     decode_modes=DECODE_MODES,
 ) -> Path:

@@ -16,6 +16,8 @@ import json
 import math
 from dataclasses import dataclass
 
+from gpstoken_core.official import TOKENS_PER_TILE
+
 CONFIG_FORMAT = "gpstoken-generator"
 ROLES = ("layout", "texture", "onestage")
 COND_MODES = ("input", "blocks")  # input: official code (in place of pos_embed); blocks: the paper
@@ -41,7 +43,7 @@ HEADS_BY_HIDDEN = {384: 6, 768: 12, 1024: 16, 1152: 16}
 class SiTConfig:
     name: str = "SiT-XL/2-gs"
     role: str = "texture"
-    num_tokens: int = 128  # L; the tokenizer's tokens per tile
+    num_tokens: int = TOKENS_PER_TILE  # L; the tokenizer's tokens per tile
     in_channels: int = 21  # layout 5; texture / one-stage 5 + feature channels
     hidden: int = 1152
     depth: int = 28

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpstoken_core.official import MIN_REGION
+from gpstoken_core.tiling import TILE
+
 from ..checkpoint import CheckpointError, load_tensors, save_tensors
 from gpstoken_core.partition import calibrate
 
@@ -39,7 +42,7 @@ def check_layout(g_init, num_tokens: int | None = None, name: str = "layout") ->
     return g
 
 
-def calibrate_layouts(g_pred: torch.Tensor, size: tuple[int, int] = (256, 256), s_min: int = 8) -> torch.Tensor:
+def calibrate_layouts(g_pred: torch.Tensor, size: tuple[int, int] = (TILE, TILE), s_min: int = MIN_REGION) -> torch.Tensor:
     """Alg. 2 (the C++ ``calibrate``) on each layout of a batch (B, L, 5): means snapped to the s_min grid,
     regions re-partitioned by mean counts, Gaussians re-derived (official sigma = width / 3, rho 0)."""
     g = g_pred.detach().double().cpu().numpy()

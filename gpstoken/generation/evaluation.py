@@ -47,7 +47,7 @@ def generate_per_class(gen, classes: list[int], num_per_class: int, seed: int = 
 
 def inception_features(model: InceptionFeatures, images: np.ndarray, batch: int = 16) -> torch.Tensor:
     """(N, 2048) FID features of uint8 images (N, H, W, 3)."""
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # a stand-in without weights runs on the CPU
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch):

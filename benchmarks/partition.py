@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from gpstoken_core import _gpstoken_partition as native
 from gpstoken_core.imageio import bundled_photo, center_crop_resize
 from gpstoken_core.official import MIN_REGION, PARTITION_LAMBDA
 from gpstoken_core.partition import partition
+from timing import median_ms
 
 _spec = importlib.util.spec_from_file_location(
     "partition_reference", Path(__file__).resolve().parents[1] / "tests" / "partition_reference.py"
@@ -28,15 +28,6 @@ _spec.loader.exec_module(reference)
 PHOTOS = ["astronaut", "coffee", "chelsea", "rocket"]
 
 
-def median_seconds(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     images = [center_crop_resize(bundled_photo(n), 256) for n in PHOTOS]
     greys = [native.grey_from_rgb(im) for im in images]
@@ -45,12 +36,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     batch = np.stack([images[i % len(images)] for i in range(32)])
     for tokens in (64, 128, 256):
-        ref = statistics.median(median_seconds(lambda g=g: reference.partition(g, tokens), 2) for g in greys)
+        ref = statistics.median(median_ms(lambda g=g: reference.partition(g, tokens), 2, warmup=False) / 1000 for g in greys)
         ours = statistics.median(
-            median_seconds(lambda g=g: native.partition_many([g], [tokens], PARTITION_LAMBDA, MIN_REGION, [None], 1), 7) for g in greys
+            median_ms(lambda g=g: native.partition_many([g], [tokens], PARTITION_LAMBDA, MIN_REGION, [None], 1), 7, warmup=False) / 1000 for g in greys
         )
-        many = median_seconds(lambda: partition(batch, tokens), 3)
-        one = median_seconds(lambda: partition(batch, tokens, threads=1), 2)
+        many = median_ms(lambda: partition(batch, tokens), 3, warmup=False) / 1000
+        one = median_ms(lambda: partition(batch, tokens, threads=1), 2, warmup=False) / 1000
         print(f"| {tokens} | {ref * 1e3:.0f} | {ours * 1e3:.1f} | {ref / ours:.1f}x | {32 / many:.0f} | {32 / one:.0f} |")
 
 

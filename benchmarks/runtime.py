@@ -9,9 +9,7 @@ weights: timing only). Both sides include the partition; outputs are checked to 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from gpstoken_runtime import Tokenizer
 
 import gpstoken
 from gpstoken_core.imageio import bundled_photo, center_crop_resize
+from timing import median_ms
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "camera", "coins", "brick")
 
@@ -33,16 +32,6 @@ def photos(n: int) -> np.ndarray:
         image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else bundled_photo(name)
         out.append(center_crop_resize(gpstoken_core.imageio.to_rgb_uint8(image), 256))
     return np.stack(out)
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
 
 
 def main() -> None:

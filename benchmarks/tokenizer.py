@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 import torch
@@ -21,16 +19,7 @@ import torch.nn.functional as F
 import gpstoken
 from gpstoken_core.imageio import bundled_photo, center_crop_resize
 from gpstoken.roi_align import roi_align
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
+from timing import median_ms
 
 
 def roi_align_per_box(features, boxes, size):
@@ -63,8 +52,8 @@ def main() -> None:
     feats = torch.randn(1, 128, 256, 256)
     for tokens in (64, 128, 256):
         boxes = torch.from_numpy(gpstoken.partition(photo, tokens).boxes.astype(np.float32))[None]
-        base = timed(lambda: roi_align_per_box(feats, boxes, 8), repeats)
-        ours = timed(lambda: roi_align(feats, boxes, 8), repeats)
+        base = median_ms(lambda: roi_align_per_box(feats, boxes, 8), repeats)
+        ours = median_ms(lambda: roi_align(feats, boxes, 8), repeats)
         print(f"| {tokens} tokens | {base:.1f} | {ours:.1f} | {base / ours:.1f}x |")
 
     model = gpstoken.GPSTokenizer("tiny").eval()
@@ -72,7 +61,7 @@ def main() -> None:
         tokens = model.encode(photo)
         dense = lambda: model.decoder(gpstoken.splat_reference(tokens.g, tokens.f, (64, 64)))  # noqa: E731
         op = lambda: model.decode(tokens)  # noqa: E731
-        base, ours = timed(dense, repeats), timed(op, repeats)
+        base, ours = median_ms(dense, repeats), median_ms(op, repeats)
     print("\n| tiny decode, 256x256, 128 tokens | dense splat reference (ms) | splat op (ms) | speed-up |")
     print("|---|---|---|---|")
     print(f"| batch 1 | {base:.1f} | {ours:.1f} | {base / ours:.2f}x |")
@@ -82,9 +71,9 @@ def main() -> None:
     for name in ("tiny", "m128"):
         model = gpstoken.GPSTokenizer(name).eval()
         with torch.inference_mode():
-            enc = timed(lambda: model.encode(photo), max(2, repeats // 2))
+            enc = median_ms(lambda: model.encode(photo), max(2, repeats // 2))
             tokens = model.encode(photo)
-            dec = timed(lambda: model.decode(tokens), max(2, repeats // 2))
+            dec = median_ms(lambda: model.decode(tokens), max(2, repeats // 2))
         print(f"| {name} | {model.num_parameters() / 1e6:.1f}M | {enc:.0f} | {dec:.0f} |")
 
 

@@ -7,9 +7,9 @@ runtime's core (``gpstoken_core``) never needs torch.
 
 from __future__ import annotations
 
-import importlib
-
 from gpstoken_core.partition import Partition, calibrate, partition
+
+from ._lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -25,12 +25,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gpstoken' has no attribute {name!r}")
-
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY, globals())
 
 __all__ = ["GPSGenerator", "GPSTokenizer", "SiT", "Partition", "Tokens", "TokenizerConfig", "calibrate", "partition", "splat", "splat_reference", "to_uint8", "__version__"]

@@ -17,17 +17,20 @@ EPS = 1e-6
 
 
 def normalize_np(x, weight, bias, groups, np_):
+    """``_NormalizeNP`` over ``np_`` tiles per side (or an explicit (rows, cols) grid, for our
+    non-square generalization)."""
     b, c, h, w = x.shape
-    th, tw = h // np_, w // np_
-    mean = torch.empty(b, groups, np_, np_, dtype=x.dtype)
+    ny, nx = (np_, np_) if isinstance(np_, int) else np_
+    th, tw = h // ny, w // nx
+    mean = torch.empty(b, groups, ny, nx, dtype=x.dtype)
     std = torch.empty_like(mean)
-    for i in range(np_):
-        for j in range(np_):
+    for i in range(ny):
+        for j in range(nx):
             cell = x[:, :, i * th : (i + 1) * th, j * tw : (j + 1) * tw].reshape(b, groups, -1)
             m = cell.mean(dim=-1)
             mean[:, :, i, j] = m
             std[:, :, i, j] = ((cell - m[..., None]) ** 2).mean(dim=-1).sqrt()
-    if np_ > 1:
+    if (ny, nx) != (1, 1):
         mean = F.interpolate(mean, size=(h, w), mode="bicubic", align_corners=False)
         std = F.interpolate(std, size=(h, w), mode="bicubic", align_corners=False)
     per_channel = c // groups

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .checkpoint import (
     CONFIG_FILE,
@@ -133,7 +133,7 @@ class HubFiles:
                 f"{self.repo_id}: no such local folder or file, and not a readable Hugging Face Hub repository "
                 f"({type(err).__name__}: {_first_line(err)})"
             ) from None
-        except Exception as err:  # network and HTTP errors have many types; each becomes one clear line
+        except Exception as err:  # noqa: BLE001  (network and HTTP errors have many types; each becomes one line)
             raise CheckpointError(f"{self.where()}: could not fetch {name} ({type(err).__name__}: {_first_line(err)})") from None
 
     def not_found(self, wanted: str) -> CheckpointError:

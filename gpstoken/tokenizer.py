@@ -17,14 +17,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpstoken_core.imageio import ImageError, to_rgb_uint8
+from gpstoken_core.partition import Partition, partition
 from gpstoken_core.tiling import DecoderSpec, check_decode_mode, decode_jobs, encode_groups
 
 from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_tensors
 from .config import PRESETS, TokenizerConfig, preset
 from .decoder import GaussianDecoder
 from .encoder import GaussianEncoder
-from gpstoken_core.imageio import ImageError, to_rgb_uint8
-from gpstoken_core.partition import Partition, partition
 from .modeling import HubFiles, PretrainedModel
 from .tokens import Tokens
 

@@ -23,12 +23,7 @@ from gpstoken.generation.convert import (
 from gpstoken.generation.layouts import LayoutBank
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def official_shapes(depth, hidden, channels, tokens, classes, cond=5, learn_sigma=True, freq=256, mlp=4):

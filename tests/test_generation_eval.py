@@ -48,9 +48,10 @@ class PooledColours(torch.nn.Module):
         return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 @pytest.fixture(scope="module")
-def generator_folder(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
+def generator_folder(tmp_path_factory, one_thread) -> Path:
     tok = GPSTokenizer.from_pretrained(ROOT / "gpstoken" / "weights" / "tiny")
     torch.manual_seed(0)
     sit = SiT(preset("tiny/onestage", num_classes=2, in_channels=5 + tok.config.feature_channels))

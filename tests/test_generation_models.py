@@ -13,13 +13,7 @@ from gpstoken.generation import SiT, SiTConfig, channel_stats, linear_path, pres
 from gpstoken.generation.transport import texture_targets
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second thread only adds contention (8x slower measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_official_texture_model_has_the_official_parameter_count():

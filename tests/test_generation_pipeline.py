@@ -16,12 +16,7 @@ from gpstoken.generation.layouts import LayoutBank, calibrate_layouts
 from gpstoken_core.imageio import bundled_photo, center_crop_resize
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _random(model: SiT, seed: int) -> SiT:

@@ -27,9 +27,10 @@ SMALL = {"size": 64, "num_tokens": 16}
 SMALL_FLAGS = ["--size", "64", "--tokens", "16", "--quiet", "--device", "cpu"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 @pytest.fixture(scope="module")
-def tokenizer():
-    torch.set_num_threads(1)
+def tokenizer(one_thread):
     return GPSTokenizer.from_pretrained(TINY)
 
 

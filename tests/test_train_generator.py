@@ -32,10 +32,11 @@ FAST = ["--threads", "1", "--log-every", "1", "--device", "cpu"]
 RUN = ["--stage", "texture", "--model", "tiny/texture", "--batch", "4", "--steps", "6", "--ckpt-every", "2", "--lr", "1e-3"]
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 @pytest.fixture(scope="module")
-def shard_sets(tmp_path_factory):
+def shard_sets(tmp_path_factory, one_thread):
     """'pair': two photos, one per class (each class one data point); 'flipped': the same with mirrors."""
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("shards")
     listing = root / "list.txt"
     listing.write_text("skimage:astronaut 0\nskimage:coffee 1\n")

@@ -178,8 +178,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
         {"g": tokens.g[0], "f": tokens.f[0], "g_init": tokens.g_init[0], "g_image": tokens.image_g()[0]},
         metadata={"image_size": f"{h},{w}", "model": str(model_path)},
     )
-    mode = f", decoded {args.decode or model.config.decode_mode}" if len(tokens.tile_boxes) > 1 else ""
-    print(f"{source}: {w}x{h}, {len(tokens)} tokens ({len(tokens.tile_boxes)} tile(s){mode}), model {model_path} ({model.config.name})")
+    mode = f" decoded {args.decode or model.config.decode_mode}" if len(tokens.tile_boxes) > 1 else ""
+    print(f"{source}: {w}x{h}, {len(tokens)} tokens ({len(tokens.tile_boxes)} tile(s)){mode}, model {model_path} ({model.config.name})")
     print(f"PSNR {quality[0]:.2f} dB   SSIM {quality[1]:.4f}")
     print(f"latency  encode {1000 * (t1 - t0):.0f} ms (partition + encoder)   decode {1000 * (t2 - t1):.0f} ms  [{args.device}]")
     print(f"wrote {', '.join(sorted(pictures))} and tokens.safetensors to {out}/")

@@ -12,6 +12,10 @@ Seeded noise (one protocol, the same on CPU, GPU and the torch-free runtime), fr
   3. each SDE step: float32 normal (2B, L, C), rows [:B] for the conditional state (all 2B with CFG).
 So a seed gives the same conditional noise with and without CFG. The official code draws its initial
 noise from a device generator, so its images depend on the device.
+
+The torch-free sequencing (checks, noise protocol, CFG doubling, sampling loops, de-normalization,
+post-processing) is ``gpstoken_core.generation``, which ``gpstoken_runtime.Generator`` runs as well; this
+module adds the torch networks, the layout bank and the decoder.
 """
 
 from __future__ import annotations
@@ -22,17 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gpstoken_core import generation as stages
 from gpstoken_core import sampling as core
 from gpstoken_core.files import atomic_folder
 
 from ..checkpoint import CheckpointError
 from ..tokenizer import GPSTokenizer, to_uint8
 from ..tokens import Tokens
-from .layouts import LayoutBank, calibrate_layouts, check_layout, clamp_gaussians
+from .layouts import LayoutBank, calibrate_layouts, check_layout
 from .models import SiT
-from .samplers import model_velocity, sample_ode, sample_sde
+from .samplers import model_velocity
 
-SAMPLERS = ("sde", "euler", "heun")
+SAMPLERS = stages.SAMPLERS
 BANK_FILE = "layout_bank.safetensors"
 
 
@@ -136,13 +141,7 @@ class GPSGenerator:
 
     # ----------------------------------------------------------------- sampling
     def _labels(self, labels) -> torch.Tensor:
-        y = np.atleast_1d(np.asarray(labels))
-        if y.ndim != 1 or len(y) == 0 or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"labels must be a non-empty list of integer class ids, got {labels!r}")
-        bad = [int(v) for v in y if not 0 <= v < self.num_classes]
-        if bad:
-            raise ValueError(f"unknown class id(s) {bad}: the generator knows classes 0..{self.num_classes - 1}")
-        return torch.as_tensor(y.astype(np.int64), device=self.device)
+        return torch.as_tensor(stages.check_labels(labels, self.num_classes), device=self.device)
 
     def sample_layouts(
         self,
@@ -167,15 +166,13 @@ class GPSGenerator:
                 raise ValueError("this generator has no layout model and no layout bank: pass g_init=")
             g = self.layout_bank.sample(y.cpu().numpy(), rng).to(self.device)
             return g, g
-        if sampler not in ("euler", "heun"):
+        if sampler not in stages.LAYOUT_SAMPLERS:
             raise ValueError(f"unknown layout sampler {sampler!r}; choose euler or heun")
         cfg = self.layout.config
-        b = len(y)
-        z = torch.from_numpy(core.normal_float32(rng, (b, cfg.num_tokens, cfg.in_channels))).to(self.device)
-        x = z if cfg_scale == 1.0 else torch.cat([z, z])
-        with _bar(steps, f"layout {sampler}", progress) as bar:
-            x = sample_ode(model_velocity(self.layout, y, None, cfg_scale), x, steps, method=sampler, progress=bar)
-        g = self.layout.denormalize(x[:b])
+        z = stages.start_noise(rng, len(y), cfg.num_tokens, cfg.in_channels, self.layout.pos_embed)
+        with torch.no_grad(), _bar(steps, f"layout {sampler}", progress) as bar:
+            x = stages.sample_layout(model_velocity(self.layout, y, None, cfg_scale), z, steps, sampler, cfg_scale, bar)
+        g = stages.denormalize(x, cfg.mean, cfg.std)
         return g, (calibrate_layouts(g, (self.tokenizer.config.tile,) * 2, self.s_min) if calibrate else g)
 
     def sample_tokens(
@@ -192,6 +189,7 @@ class GPSGenerator:
         g_init=None,
         calibrate: bool | None = None,
         progress: bool = False,
+        steps: int | None = None,
     ) -> Tokens:
         """Generate tokens for class ids ``labels`` (B,).
 
@@ -199,8 +197,9 @@ class GPSGenerator:
         official 1.5 and (0.2, 1.0)). sampler: "sde" (official Euler-Maruyama, ``texture_steps`` points) or
         the fixed-step ODEs "euler" / "heun". g_init: a given layout (B, L, 5) or (L, 5) for every label;
         ``calibrate`` runs Alg. 2 on it (default: only on the layout model's output). progress: a progress
-        bar (stderr) over each stage's sampling steps.
+        bar (stderr) over each stage's sampling steps. steps: ``texture_steps`` (the runtime's spelling).
         """
+        texture_steps = texture_steps if steps is None else steps
         return self.generate(
             labels, seed, cfg_scale, guidance, layout_steps, texture_steps, sampler, layout_sampler,
             layout_cfg_scale, g_init, calibrate, progress, decode=False,
@@ -224,12 +223,7 @@ class GPSGenerator:
     ) -> Generation:
         """Every stage of a generation: the sampled and the calibrated layout, the tokens, the images.
         Options as ``sample_tokens``; ``decode=False`` skips the decoder (``images`` is None)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        core.check_guidance(cfg_scale, *guidance)
-        core.check_guidance(layout_cfg_scale, 0.0, 1.0)
-        _check_steps("layout_steps", layout_steps, 1)
-        _check_steps("texture_steps", texture_steps, 2 if sampler == "sde" else 1)
+        stages.check_options(sampler, cfg_scale, guidance, layout_cfg_scale, layout_steps, texture_steps)
         y = self._labels(labels)
         b = len(y)
         rng = core.pcg64(seed)
@@ -255,19 +249,12 @@ class GPSGenerator:
             raise ValueError("a one-stage generator takes no g_init")
 
         with torch.no_grad():
-            z = torch.from_numpy(core.normal_float32(rng, (b, tc.num_tokens, tc.in_channels))).to(self.device)
-            guided = cfg_scale != 1.0
-            x = torch.cat([z, z]) if guided else z
+            z = stages.start_noise(rng, b, tc.num_tokens, tc.in_channels, self.texture.pos_embed)
             velocity = model_velocity(self.texture, y, cond, cfg_scale, guidance)
             with _bar(texture_steps, f"texture {sampler}", progress) as bar:
-                if sampler == "sde":
-                    x = sample_sde(velocity, x, texture_steps, generator=core.pcg64_draw(rng, rows=2 * b), progress=bar)
-                else:
-                    x = sample_ode(velocity, x, texture_steps, method=sampler, progress=bar)
-            out = self.texture.denormalize(x[:b])
-            g = out[..., :5] + cond if self.two_stage else out[..., :5]  # g = g_init_cal + dg
-            g = clamp_gaussians(g)
-            f = out[..., 5:]
+                x = stages.sample_texture(velocity, z, rng, texture_steps, sampler, cfg_scale, bar)
+            # g = g_init_cal + dg (two-stage), clamped as the official post-processing
+            g, f = stages.split_tokens(stages.denormalize(x, tc.mean, tc.std), cond if self.two_stage else None)
         tokens = Tokens(g=g, f=f, image_size=(tile, tile), g_init=cond)
         images = self.decode(tokens) if decode else None
         return Generation(labels=y.cpu().numpy(), tokens=tokens, layout_sampled=sampled, images=images)
@@ -277,8 +264,11 @@ class GPSGenerator:
         with torch.no_grad():
             return to_uint8(self.tokenizer.decode(tokens))
 
-    def sample(self, labels, seed: int = 0, **kwargs) -> np.ndarray:
-        """(B, H, W, 3) uint8 images for class ids ``labels``; options as ``sample_tokens``."""
+    def sample(self, labels, seed: int = 0, steps: int | None = None, **kwargs) -> np.ndarray:
+        """(B, H, W, 3) uint8 images for class ids ``labels``; options as ``sample_tokens`` (``steps`` is
+        ``texture_steps``, the spelling of ``gpstoken_runtime.Generator.sample``)."""
+        if steps is not None:
+            kwargs["texture_steps"] = steps
         return self.generate(labels, seed=seed, **kwargs).images
 
 
@@ -315,7 +305,3 @@ class _bar:
         if self.tqdm is not None:
             self.tqdm.close()
 
-
-def _check_steps(name: str, steps, least: int) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {steps!r}")

@@ -66,6 +66,19 @@ class NumpyOps:
         a = self.np.asarray(a)
         return a.astype(like.dtype, copy=False)
 
+    def concat_last(self, arrays: Sequence[Array]) -> Array:
+        return self.np.concatenate(list(arrays), axis=-1)
+
+    def clip(self, a: Array, low: float, high: float) -> Array:
+        return self.np.clip(a, low, high)
+
+    def full_like(self, a: Array, value) -> Array:
+        return self.np.full_like(a, value)
+
+    def constant(self, values, like: Array) -> Array:
+        """A float array of ``values`` in ``like``'s namespace, dtype (and device)."""
+        return self.np.asarray(values, dtype=like.dtype)
+
 
 class TorchOps:
     name = "torch"
@@ -85,6 +98,18 @@ class TorchOps:
         if not isinstance(a, self.torch.Tensor):
             a = self.torch.from_numpy(a)
         return a.to(device=like.device, dtype=like.dtype)
+
+    def concat_last(self, arrays: Sequence[Array]) -> Array:
+        return self.torch.cat(list(arrays), dim=-1)
+
+    def clip(self, a: Array, low: float, high: float) -> Array:
+        return a.clamp(low, high)
+
+    def full_like(self, a: Array, value) -> Array:
+        return self.torch.full_like(a, value)
+
+    def constant(self, values, like: Array) -> Array:
+        return self.torch.as_tensor(values, dtype=like.dtype, device=like.device)
 
 
 _OPS: dict[str, Any] = {}

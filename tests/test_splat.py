@@ -309,3 +309,32 @@ def test_extension_is_built_for_the_running_torch():
     assert _build_info.TORCH_MAJOR_MINOR == ".".join(torch.__version__.split(".")[:2])
     assert hasattr(torch.ops.gpstoken, "gaussian_splat")
     assert (pathlib.Path(gpstoken.__file__).parent / "_build_info.py").exists()
+
+
+@pytest.mark.parametrize("rho", [0.999999, -0.999999, 0.9999, -0.9999, 0.99])
+def test_splat_float32_keeps_its_digits_as_rho_goes_to_one(rho):
+    """Float32 weights vs the closed form in float64 along the ridge and across it, near and far from
+    the centre: relative error <= 1e-5 wherever the weight is above 1e-4 (the expanded quadratic form
+    lost most of its digits here: ~4e-2 at rho = 0.999999)."""
+    sigma, size, support = 0.5, 129, 40.0  # a wide support: every pixel of the map is tested
+    g64 = torch.tensor([[[sigma, sigma, rho, 0.0, 0.0]]], dtype=torch.float64)
+    f = torch.ones(1, 1, 1)
+    out = splat(g64.float(), f, (size, size), support)[0, 0].double()
+    xs = torch.linspace(-1, 1, size, dtype=torch.float64)
+    a, b = xs[None, :] / sigma, xs[:, None] / sigma  # (x along columns, y along rows)
+    r = torch.tensor(float(torch.tensor(rho, dtype=torch.float32)), dtype=torch.float64)  # the float32 rho
+    ref = torch.exp(-(a * a - 2 * r * a * b + b * b) / (2 * (1 - r) * (1 + r)))
+    mask = ref > 1e-4
+    assert mask.sum() >= size  # at least the ridge a = sign(rho) b, from the centre to the corners
+    rel = ((out - ref).abs() / ref)[mask]
+    assert rel.max() <= 1e-5, f"rho {rho}: max relative weight error {rel.max():.3g}"
+    # the float32 gradient w.r.t. rho stays finite and matches float64 autograd of the closed form
+    g32 = g64.float().requires_grad_(True)
+    splat(g32, f, (size, size), support).sum().backward()
+    g_ref = g64.clone().requires_grad_(True)
+    a2 = (xs[None, :] - g_ref[0, 0, 3]) / g_ref[0, 0, 0]
+    b2 = (xs[:, None] - g_ref[0, 0, 4]) / g_ref[0, 0, 1]
+    q = (1 - g_ref[0, 0, 2]) * (1 + g_ref[0, 0, 2])
+    torch.exp(-(a2 * a2 - 2 * g_ref[0, 0, 2] * a2 * b2 + b2 * b2) / (2 * q)).sum().backward()
+    assert torch.isfinite(g32.grad).all()
+    torch.testing.assert_close(g32.grad.double(), g_ref.grad, rtol=2e-3, atol=1e-3 * g_ref.grad.abs().max().item())

@@ -44,6 +44,7 @@ __global__ void splat_forward_kernel(const S* __restrict__ gaussians, const S* _
       if (i < L) {
 #pragma unroll
         for (int k = 0; k < kNumParams; ++k) g[k] = T(gaussians[(b * L + i) * kNumParams + k]);
+        if constexpr (sizeof(S) == 2) clamp_loaded_half_gaussian(g);  // float16 storage: keep q > 0
         const PixelBox box = support_box<T>(g, support, H, W);
         hit = !box.empty() && box.x0 < tx0 + kTile && box.x1 > tx0 && box.y0 < ty0 + kTile &&
               box.y1 > ty0;

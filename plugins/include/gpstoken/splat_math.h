@@ -16,8 +16,9 @@
 //     the paper says 5.
 //   * The rendered map is R(x, y, k) = sum_i G_i(x, y) f_i[k] (Eq. 3): no alpha, no normalization.
 //
-// Numeric guards: inside the support |a|, |b| <= s, and the quadratic form is >= 0 for |rho| < 1,
-// so G is in [0, 1] and never overflows, however small sigma or 1 - |rho| get. Boxes are computed
+// Numeric guards: inside the support |a|, |b| <= s, and the exponent is written as a sum of squares
+// (see gaussian_terms), so G is in [0, 1], never overflows and keeps its precision, however small
+// sigma or 1 - |rho| get. Boxes are computed
 // in floating point and clamped to the image before any integer conversion, so Gaussians far
 // off-image (or with huge sigma) give empty or full boxes instead of overflowed indices.
 #pragma once
@@ -92,7 +93,8 @@ template <typename T>
 struct GaussianCoeffs {
   T inv_sigma_x, inv_sigma_y;
   T rho;
-  T inv_two_q;  // 1 / (2 (1 - rho^2)), with 1 - rho^2 as (1 - rho)(1 + rho) for precision near |rho| = 1
+  T one_minus_abs_rho;  // 1 - |rho|, exact in floating point for |rho| >= 1/2 (Sterbenz)
+  T inv_q;              // 1 / (1 - rho^2), with 1 - rho^2 as (1 - rho)(1 + rho) for precision near |rho| = 1
 };
 
 template <typename T>
@@ -101,7 +103,8 @@ GPSTOKEN_HD GaussianCoeffs<T> gaussian_coeffs(const T* g) {
   c.inv_sigma_x = T(1) / g[kSigmaX];
   c.inv_sigma_y = T(1) / g[kSigmaY];
   c.rho = g[kRho];
-  c.inv_two_q = T(1) / (T(2) * (T(1) - c.rho) * (T(1) + c.rho));
+  c.one_minus_abs_rho = T(1) - (c.rho < T(0) ? -c.rho : c.rho);
+  c.inv_q = T(1) / ((T(1) - c.rho) * (T(1) + c.rho));
   return c;
 }
 
@@ -109,6 +112,7 @@ GPSTOKEN_HD GaussianCoeffs<T> gaussian_coeffs(const T* g) {
 template <typename T>
 struct GaussianTerms {
   T a, b;    // standardized offsets (x - mu_x)/sigma_x, (y - mu_y)/sigma_y
+  T d, e;    // a - rho b and b - rho a, computed without cancellation
   T z;       // exponent: G = exp(-z), z >= 0
   T weight;  // G
 };
@@ -128,15 +132,25 @@ GPSTOKEN_HD double exp_t(double v) {
 #endif
 }
 
+// u - rho v without catastrophic cancellation as |rho| -> 1: for rho >= 0 it is (u - v) + (1 - rho) v,
+// where u - v is exact when u ~ v and 1 - rho is exact (Sterbenz); for rho < 0, (u + v) - (1 + rho) v.
+template <typename T>
+GPSTOKEN_HD T minus_rho_times(T u, T v, const GaussianCoeffs<T>& c) {
+  return c.rho >= T(0) ? (u - v) + c.one_minus_abs_rho * v : (u + v) - c.one_minus_abs_rho * v;
+}
+
 // G at offset (dx, dy) = (x - mu_x, y - mu_y), assuming the caller checked `in_support`.
+//   z = (a^2 - 2 rho a b + b^2) / (2 q) = b^2 / 2 + d^2 / (2 q),  d = a - rho b,  q = 1 - rho^2:
+// a sum of two non-negative terms, so z keeps its digits however close |rho| gets to 1 (the
+// expanded quadratic form loses them: ~4e-2 weight error in float32 at rho = 0.999999).
 template <typename T>
 GPSTOKEN_HD GaussianTerms<T> gaussian_terms(T dx, T dy, const GaussianCoeffs<T>& c) {
   GaussianTerms<T> t;
   t.a = dx * c.inv_sigma_x;
   t.b = dy * c.inv_sigma_y;
-  t.z = (t.a * t.a - T(2) * c.rho * t.a * t.b + t.b * t.b) * c.inv_two_q;
-  // Rounding can make the quadratic form a hair negative when |rho| ~ 1 and a ~ b.
-  if (t.z < T(0)) t.z = T(0);
+  t.d = minus_rho_times(t.a, t.b, c);
+  t.e = minus_rho_times(t.b, t.a, c);
+  t.z = T(0.5) * (t.b * t.b + t.d * t.d * c.inv_q);
   t.weight = exp_t(-t.z);
   return t;
 }
@@ -151,19 +165,34 @@ GPSTOKEN_HD T gaussian_weight(int ix, int iy, const T* g, T support, int height,
 }
 
 // dG/d(sigma_x, sigma_y, rho, mu_x, mu_y) from the terms at one pixel inside the support.
-//   q = 1 - rho^2,  dz/da = (a - rho b)/q,  dz/db = (b - rho a)/q,  dz/drho = (2 rho z - a b)/q
+//   dz/da = d/q,  dz/db = e/q,  dz/drho = (2 rho z - a b)/q = -d e / q^2  (no cancellation either)
 //   da/dmu_x = -1/sigma_x,  da/dsigma_x = -a/sigma_x  (b likewise);  dG = -G dz.
 template <typename T>
 GPSTOKEN_HD void gaussian_weight_grad(const GaussianTerms<T>& t, const GaussianCoeffs<T>& c,
                                       T grad[kNumParams]) {
-  const T w_over_q = T(2) * t.weight * c.inv_two_q;
-  const T da = w_over_q * (t.a - c.rho * t.b) * c.inv_sigma_x;  // = dG/dmu_x
-  const T db = w_over_q * (t.b - c.rho * t.a) * c.inv_sigma_y;  // = dG/dmu_y
+  const T w_over_q = t.weight * c.inv_q;
+  const T da = w_over_q * t.d * c.inv_sigma_x;  // = dG/dmu_x
+  const T db = w_over_q * t.e * c.inv_sigma_y;  // = dG/dmu_y
   grad[kSigmaX] = da * t.a;
   grad[kSigmaY] = db * t.b;
-  grad[kRho] = w_over_q * (t.a * t.b - T(2) * c.rho * t.z);
+  grad[kRho] = w_over_q * t.d * t.e * c.inv_q;
   grad[kMuX] = da;
   grad[kMuY] = db;
+}
+
+// Float16 storage: |rho| rounds to exactly 1 above 0.99976 and sigma can underflow to 0, which make
+// q = 0 (inf / NaN weights that spread through the decoder's norms). Clamp what was loaded to the
+// nearest float16 values that stay finite: |rho| <= 1 - 2^-11 (the largest float16 below 1), sigma >=
+// 2^-24 (the smallest positive float16).
+constexpr float kHalfRhoLimit = 0.99951171875f;
+constexpr float kHalfSigmaMin = 5.9604644775390625e-08f;
+
+template <typename T>
+GPSTOKEN_HD void clamp_loaded_half_gaussian(T* g) {
+  if (!(g[kSigmaX] >= T(kHalfSigmaMin))) g[kSigmaX] = T(kHalfSigmaMin);  // also maps NaN: then empty
+  if (!(g[kSigmaY] >= T(kHalfSigmaMin))) g[kSigmaY] = T(kHalfSigmaMin);
+  if (g[kRho] > T(kHalfRhoLimit)) g[kRho] = T(kHalfRhoLimit);
+  if (g[kRho] < -T(kHalfRhoLimit)) g[kRho] = -T(kHalfRhoLimit);
 }
 
 }  // namespace gpstoken

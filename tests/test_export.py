@@ -160,3 +160,46 @@ def test_merged_high_resolution_decoder(model, tmp_path):
         None, {"g": tokens.image_g().numpy(), "f": tokens.f.numpy()}
     )[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _splat_graph(dtype, tokens: int, size: int, support: float = 40.0) -> ort.InferenceSession:
+    from onnx import TensorProto, helper
+
+    from gpstoken_export.splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function
+
+    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
+    node = helper.make_node(OP_TYPE, ["g", "f"], ["out"], domain=DOMAIN, height=size, width=size, support=support)
+    graph = helper.make_graph([node], "splat", [helper.make_tensor_value_info("g", elem, [1, tokens, 5]),
+                              helper.make_tensor_value_info("f", elem, [1, tokens, 1])],
+                              [helper.make_tensor_value_info("out", elem, None)])  # fmt: skip
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    add_splat_function(m)
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_splat_function_is_cancellation_free_and_clamps_float16():
+    """The ONNX function computes the header's cancellation-free exponent (float32 at rho = 0.999999 within
+    1e-5 of float64 where the weight is > 1e-4) and, for float16 inputs only, clamps |rho| = 1 and sigma = 0
+    (what float16 rounding makes of 0.99999 and 1e-8) to the nearest finite float16 values."""
+    size = 65
+    xs = np.linspace(-1, 1, size)
+    a, b = xs[None, :] / 0.5, xs[:, None] / 0.5
+
+    def closed_form(rho):
+        return np.exp(-(a * a - 2 * rho * a * b + b * b) / (2 * (1 - rho) * (1 + rho)))
+
+    rho32 = float(np.float32(0.999999))
+    out = _splat_graph(np.float32, 1, size).run(None, {"g": np.array([[[0.5, 0.5, rho32, 0, 0]]], np.float32),
+                                                        "f": np.ones((1, 1, 1), np.float32)})[0][0, 0]  # fmt: skip
+    ref = closed_form(rho32)
+    mask = ref > 1e-4
+    assert np.max(np.abs(out - ref)[mask] / ref[mask]) <= 1e-5
+    # float16: rho 0.99999 is stored as exactly 1.0 -> without the clamp the weights are NaN / 0
+    g16 = np.array([[[0.5, 0.5, 0.99999, 0, 0], [1e-8, 0.3, -0.99999, 0.5, 0.5]]], np.float16)
+    assert g16[0, 0, 2] == 1.0 and g16[0, 1, 2] == -1.0 and g16[0, 1, 0] == 0.0
+    out16 = _splat_graph(np.float16, 2, size).run(None, {"g": g16, "f": np.ones((1, 2, 1), np.float16)})[0]
+    assert np.isfinite(out16).all()
+    first = _splat_graph(np.float16, 1, size).run(None, {"g": g16[:, :1], "f": np.ones((1, 1, 1), np.float16)})[0][0, 0]
+    ref16 = closed_form(0.99951171875)
+    np.testing.assert_allclose(first.astype(np.float64), ref16, atol=2e-3)  # float16 output rounding
+    assert first.max() == np.float16(1.0)  # the ridge keeps its peak (a zeroed weight would be 0)

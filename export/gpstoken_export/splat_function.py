@@ -68,16 +68,37 @@ def splat_function() -> onnx.FunctionProto:
         # parameters as (B, L, 1, 1)
         n("Constant", [], ["axis3"], value=helper.make_tensor("a3", TensorProto.INT64, [1], [3])),
         n("Unsqueeze", ["gaussians", "axis3"], ["g4"]),
-        n("Split", ["g4"], ["sigma_x", "sigma_y", "rho", "mu_x", "mu_y"], axis=2, num_outputs=5),
+        n("Split", ["g4"], ["sigma_x_in", "sigma_y_in", "rho_in", "mu_x", "mu_y"], axis=2, num_outputs=5),
+        # float16 inputs: |rho| rounds to 1 above 0.99976 and sigma can be 0 (q = 0: inf / NaN); clamp to
+        # the nearest finite float16 values as the plugin does (splat_math.h clamp_loaded_half_gaussian).
+        # The input type is told apart by whether 1 + 2^-12 survives a round trip through it.
+        _const("probe", 1.000244140625),
+        n("CastLike", ["probe", "gaussians_in"], ["probe_in"]),
+        n("Cast", ["probe_in"], ["probe_back"], to=TensorProto.FLOAT),
+        n("Equal", ["probe_back", "probe"], ["wide_input"]),
+        _const("rho_lim_wide", 0.99999994), _const("rho_lim_half", 0.99951171875),
+        _const("sigma_min_wide", -3.0e38), _const("sigma_min_half", 5.9604644775390625e-08),
+        n("Where", ["wide_input", "rho_lim_wide", "rho_lim_half"], ["rho_lim"]),
+        n("Neg", ["rho_lim"], ["rho_lo"]),
+        n("Where", ["wide_input", "sigma_min_wide", "sigma_min_half"], ["sigma_min"]),
+        n("Clip", ["rho_in", "rho_lo", "rho_lim"], ["rho"]),
+        n("Max", ["sigma_x_in", "sigma_min"], ["sigma_x"]),
+        n("Max", ["sigma_y_in", "sigma_min"], ["sigma_y"]),
         n("Sub", ["gx", "mu_x"], ["dx"]),  # (B, L, 1, W)
         n("Sub", ["gy", "mu_y"], ["dy"]),  # (B, L, H, 1)
         n("Div", ["dx", "sigma_x"], ["a"]),
         n("Div", ["dy", "sigma_y"], ["b"]),
         n("Sub", ["one", "rho"], ["omr"]), n("Add", ["one", "rho"], ["opr"]), n("Mul", ["omr", "opr"], ["q"]),
-        n("Mul", ["a", "a"], ["aa"]), n("Mul", ["b", "b"], ["bb"]), n("Mul", ["a", "b"], ["ab"]),
-        n("Mul", ["two", "rho"], ["r2"]), n("Mul", ["r2", "ab"], ["rab"]),
-        n("Sub", ["aa", "rab"], ["t1"]), n("Add", ["t1", "bb"], ["t2"]),
-        n("Mul", ["two", "q"], ["q2"]), n("Div", ["t2", "q2"], ["z"]),
+        # z = b^2/2 + d^2/(2q), d = a - rho b as (a - b) + (1 - rho) b (rho >= 0) or (a + b) - (1 + rho) b:
+        # no cancellation as |rho| -> 1 (the header's form)
+        n("Abs", ["rho"], ["arho"]), n("Sub", ["one", "arho"], ["omar"]),
+        n("Mul", ["omar", "b"], ["omar_b"]),
+        n("Sub", ["a", "b"], ["amb"]), n("Add", ["amb", "omar_b"], ["d_pos"]),
+        n("Add", ["a", "b"], ["apb"]), n("Sub", ["apb", "omar_b"], ["d_neg"]),
+        n("GreaterOrEqual", ["rho", "zero"], ["rho_pos"]),
+        n("Where", ["rho_pos", "d_pos", "d_neg"], ["d"]),
+        n("Mul", ["b", "b"], ["bb"]), n("Mul", ["d", "d"], ["dd"]), n("Div", ["dd", "q"], ["ddq"]),
+        n("Add", ["bb", "ddq"], ["t2"]), n("Div", ["t2", "two"], ["z"]),
         n("Neg", ["z"], ["nz"]), n("Exp", ["nz"], ["e"]),
         n("Abs", ["dx"], ["adx"]), n("Abs", ["dy"], ["ady"]),
         n("Mul", ["s", "sigma_x"], ["bx"]), n("Mul", ["s", "sigma_y"], ["by"]),

@@ -91,3 +91,32 @@ def test_ellipse_points_lie_on_the_one_sigma_contour():
         a, b = (x - mx) / sx, (y - my) / sy
         mahalanobis = (a * a - 2 * rho * a * b + b * b) / (1 - rho * rho)
         assert math.isclose(mahalanobis, 1.0, rel_tol=1e-9)
+
+
+def _png_header_only(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height pixels (no pixel data): what a decompression bomb shows
+    the reader before it decodes anything."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [30000, 10000])  # past PIL's own bomb limit, and past only ours
+def test_huge_images_are_one_line_errors_everywhere(tmp_path, side):
+    from gpstoken.imagesets import read_image
+
+    path = tmp_path / "huge.png"
+    _png_header_only(path, side, side)
+    with pytest.raises(ImageError, match="huge.png: .*(too large to decode safely|larger than the .* pixel limit)"):
+        load_image(path)
+    with pytest.raises(ImageError, match="huge.png"):
+        read_image(str(path))  # the training / token-shard readers skip and count on ImageError
+    # the runtime reads images with the same gpstoken_core.imageio.load_image
+    result = subprocess.run([sys.executable, "-m", "gpstoken.cli", "reconstruct", str(path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2 and "huge.png" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,12 @@ def load_image(path: str | Path) -> np.ndarray:
     if path.is_dir():
         raise ImageError(f"{path}: is a directory, not an image")
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # we refuse oversized images ourselves (MAX_PIXELS) with a one-line error; PIL's own bomb
+            # guard would warn, or raise past our handlers above twice its limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             if im.width * im.height > MAX_PIXELS:
                 raise ImageError(f"{path}: {im.width}x{im.height} is larger than the {MAX_PIXELS} pixel limit")
             im.load()
@@ -61,6 +67,8 @@ def load_image(path: str | Path) -> np.ndarray:
             return np.ascontiguousarray(np.asarray(im.convert("RGB")))
     except ImageError:
         raise
+    except Image.DecompressionBombError as err:  # header claims far more pixels than MAX_PIXELS
+        raise ImageError(f"{path}: too large to decode safely ({err})".replace("\n", " ")) from None
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data

@@ -75,3 +75,69 @@ def register(sub) -> None:
     exp.add_argument("--max-batch", type=positive_int, default=8, help="largest batch of the engines' optimization profile (default 8)")
     exp.add_argument("--max-tokens", type=positive_int, help="largest token count per tile in the profile (default 2x the model's)")
     exp.set_defaults(run=_cmd_export)
+
+
+# ----------------------------------------------------------------------------- export-generator
+def shipped_generator() -> Path:
+    """The shipped demo generator folder (gpstoken/weights/digits, a GPSGenerator folder) when it exists."""
+    import gpstoken
+
+    return Path(gpstoken.__file__).parent / "weights" / "digits"
+
+
+def _cmd_export_generator(args: argparse.Namespace) -> None:
+    from gpstoken.generation import GPSGenerator
+
+    from .generator_export import export_generator
+
+    folder = args.model or shipped_generator()
+    if not (folder / "texture").is_dir():
+        if args.model is None:
+            raise ValueError(f"{folder}: the shipped demo generator is not installed (no texture/ folder); pass --model DIR (a GPSGenerator folder)")
+        raise ValueError(f"{folder}: not a generator folder (no texture/ folder); --model takes a GPSGenerator folder (tokenizer/, texture/, optional layout/)")
+    generator = GPSGenerator.from_pretrained(folder)
+    out = export_generator(generator, args.out, dtype=args.dtype)
+    from gpstoken_core.manifest import read_generator_manifest
+
+    manifest, _ = read_generator_manifest(out)
+    graphs = ", ".join(f"{n}.onnx" for n in sorted(manifest["files"]))
+    print(f"exported {folder} ({manifest['generator']['kind']}, {args.dtype}) -> {out}/ ({graphs}, tokenizer/, manifest.json)")
+    if args.check:
+        from .generator_parity import check_generator_export
+
+        if not check_generator_export(out, generator):
+            raise ValueError(f"parity check failed: {out} does not reproduce the torch generator within tolerance")
+        print("parity PASSED (torch vs ONNX Runtime: velocity graphs at batch 1 and 3, sampled tokens)")
+    if args.tensorrt:
+        from gpstoken_core.tensorrt import TensorRTUnavailable
+
+        from .build_engine import build_generator_engines
+
+        try:
+            build_generator_engines(out, args.plugin, max_batch=args.max_batch)
+        except TensorRTUnavailable as err:
+            raise ValueError(f"the ONNX export in {out}/ is complete, but no TensorRT engines were built: {err}") from None
+        print(f"TensorRT engines: {out}/*.engine and {out}/tokenizer/*.engine (manifests have the tensorrt sections)")
+
+
+def register_generator(sub) -> None:
+    exp = sub.add_parser(
+        "export-generator",
+        help="export a generator (velocity graphs, its tokenizer export, manifest.json) for the slim runtime",
+        description=(
+            "Write OUT/texture.onnx (and OUT/layout.onnx for a two-stage generator with a layout model): one velocity "
+            "evaluation each, inputs x (B, L, C), t (B,), y (B,) int64 [, cond (B, L, 5)], dynamic batch; the runtime "
+            "doubles the batch for classifier-free guidance. OUT/tokenizer/ is the tokenizer's export, OUT/manifest.json "
+            "the generator section (statistics, classes, null class, token count, channels, sampler defaults, hashes). "
+            "Run it with `gpstoken-runtime generate --model OUT`."
+        ),
+    )
+    exp.add_argument("--model", type=Path, help="GPSGenerator folder (tokenizer/, texture/, optional layout/); default: the shipped demo generator")
+    exp.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
+    exp.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="graph precision (default float32)")
+    exp.add_argument("--check", action="store_true", help="then compare torch and ONNX Runtime with polygraphy (fails above tolerance)")
+    exp.add_argument("--tensorrt", action="store_true", help="then build TensorRT engines (needs a GPU, tensorrt, cuda-bindings, the plugin)")
+    exp.add_argument("--plugin", type=Path, help="libgpstoken_trt.so for --tensorrt (default: $GPSTOKEN_TRT_PLUGIN or the installed one)")
+    exp.add_argument("--max-batch", type=positive_int, default=8,
+                     help="largest image batch of the engines' profiles (default 8; the velocity engines take 2x for CFG)")
+    exp.set_defaults(run=_cmd_export_generator)

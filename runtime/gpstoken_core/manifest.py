@@ -14,8 +14,22 @@ engines, and this manifest. Version 2 (this schema):
                                     {image_size: [H, W], grid: [rows, cols]} (gpstoken_core.tiling.DecoderSpec)
     tensorrt (optional)             {version, gpu, compute_capability, plugin, profiles, files: name -> {path, sha256}}
 
-Every reader goes through ``read_manifest`` (which checks the files' hashes), every writer through
-``write_manifest`` (atomic).
+A generator export (``gpstoken export-generator``) is a folder of its own with the same format and version
+and a ``generator`` section instead of the tokenizer fields:
+
+    generator                       {kind: "two-stage" | "one-stage", num_classes, null_class, num_tokens,
+                                     feature_channels, channels: {texture: 5 + C, layout: 5}, tile, s_min,
+                                     stats: {texture|layout: {mean, std, cond_mean, cond_std}},
+                                     sampler_defaults: {...}, models: {graph: SiT config},
+                                     layout_bank (optional): {path, sha256}}
+    tokenizer                       the nested tokenizer export's folder, relative ("tokenizer")
+    dtype, onnx_opset, exporter
+    files                           "texture" (always), "layout" (two-stage with a layout model): one velocity
+                                    evaluation each, inputs x (B, L, C), t (B,), y (B,) int64, cond (B, L, 5)
+    tensorrt (optional)             as above, engines of the velocity graphs
+
+Every reader goes through ``read_manifest`` / ``read_generator_manifest`` (which check the files' hashes),
+every writer through ``write_manifest`` (atomic).
 """
 
 from __future__ import annotations
@@ -54,6 +68,15 @@ def write_manifest(folder: str | Path, manifest: dict) -> None:
 def read_manifest(folder: str | Path, verify_files: bool = True) -> dict:
     """The manifest of ``folder``, checked: format, version, required fields, and (``verify_files``) that
     every graph file exists with the recorded SHA-256."""
+    manifest = _read_versioned(folder)
+    path = Path(folder) / MANIFEST_FILE
+    if GENERATOR in manifest:
+        raise ExportError(f"{path}: field 'generator' is present: a generator export (load it with gpstoken_runtime.Generator); "
+                          f"its tokenizer export is {Path(folder) / str(manifest.get('tokenizer', 'tokenizer'))}")
+    return _check_tokenizer(folder, manifest, verify_files)
+
+
+def _read_versioned(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST_FILE
     if not folder.is_dir():
@@ -71,6 +94,12 @@ def read_manifest(folder: str | Path, verify_files: bool = True) -> dict:
             f"{path}: field 'version' is {manifest.get('version')!r}; this runtime reads {SUPPORTED_VERSIONS} "
             "(re-export with the matching gpstoken, or update gpstoken_runtime)"
         )
+    return manifest
+
+
+def _check_tokenizer(folder: str | Path, manifest: dict, verify_files: bool) -> dict:
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
     for key in REQUIRED_FIELDS:
         if key not in manifest:
             raise ExportError(f"{path}: field {key!r} is missing")
@@ -144,3 +173,82 @@ def tensorrt_section(trt_version: str, gpu_name: str, compute_capability: tuple[
         "profiles": {g: {n: [list(s) for s in shapes] for n, shapes in p.items()} for g, p in profiles.items()},
         "files": {g: {"path": p.name, "sha256": sha256_file(p)} for g, p in engines.items()},
     }
+
+
+# ----------------------------------------------------------------------------- generator exports
+GENERATOR = "generator"
+GENERATOR_KINDS = ("two-stage", "one-stage")
+TEXTURE, LAYOUT = "texture", "layout"
+VELOCITY_INPUTS = {TEXTURE: ["x", "t", "y", "cond"], LAYOUT: ["x", "t", "y"]}  # one-stage texture: no cond
+GENERATOR_FIELDS = ("kind", "num_classes", "null_class", "num_tokens", "feature_channels", "channels", "tile", "s_min",
+                    "stats", "sampler_defaults")
+
+
+def velocity_inputs(kind: str, graph: str) -> list[str]:
+    """The input names of a velocity graph: x, t, y (+ cond for the two-stage texture network)."""
+    return VELOCITY_INPUTS[graph] if not (graph == TEXTURE and kind == "one-stage") else ["x", "t", "y"]
+
+
+def read_generator_manifest(folder: str | Path, verify_files: bool = True) -> tuple[dict, Path]:
+    """(manifest, tokenizer export folder) of a generator export, checked: format, version, the generator
+    section, the velocity graphs (names, inputs, hashes), the layout bank, and that the tokenizer export
+    it carries decodes what it makes (token count, channels, tile)."""
+    folder = Path(folder)
+    path = folder / MANIFEST_FILE
+    manifest = _read_versioned(folder)
+    section = manifest.get(GENERATOR)
+    if not isinstance(section, dict):
+        raise ExportError(f"{path}: field 'generator' is missing: not a generator export (a tokenizer export loads with gpstoken_runtime.Tokenizer)")
+    for key in GENERATOR_FIELDS:
+        if key not in section:
+            raise ExportError(f"{path}: field 'generator.{key}' is missing")
+    kind = section["kind"]
+    if kind not in GENERATOR_KINDS:
+        raise ExportError(f"{path}: field 'generator.kind' is {kind!r}, expected one of {GENERATOR_KINDS}")
+    for key in ("num_classes", "num_tokens", "feature_channels", "tile", "s_min"):
+        if isinstance(section[key], bool) or not isinstance(section[key], int) or section[key] < 1:
+            raise ExportError(f"{path}: field 'generator.{key}' must be a positive integer, got {section[key]!r}")
+    if section["null_class"] != section["num_classes"]:
+        raise ExportError(f"{path}: field 'generator.null_class' is {section['null_class']!r}, expected num_classes = {section['num_classes']}")
+    c = section["feature_channels"]
+    if section["channels"].get(TEXTURE) != 5 + c:
+        raise ExportError(f"{path}: field 'generator.channels.texture' is {section['channels'].get(TEXTURE)!r}, expected 5 + feature_channels = {5 + c}")
+    for key in ("dtype", "files", "tokenizer"):
+        if key not in manifest:
+            raise ExportError(f"{path}: field {key!r} is missing")
+    files = manifest["files"]
+    graphs = [TEXTURE] + ([LAYOUT] if LAYOUT in files else [])
+    if TEXTURE not in files:
+        raise ExportError(f"{path}: field 'files.{TEXTURE}' is missing")
+    extra = sorted(set(files) - {TEXTURE, LAYOUT})
+    if extra:
+        raise ExportError(f"{path}: field 'files' names unknown graphs {extra} (a generator export has {TEXTURE}, {LAYOUT})")
+    if kind == "one-stage" and LAYOUT in files:
+        raise ExportError(f"{path}: field 'files.{LAYOUT}': a one-stage generator has no layout network")
+    if kind == "two-stage" and LAYOUT not in files and "layout_bank" not in section:
+        raise ExportError(f"{path}: a two-stage generator needs 'files.{LAYOUT}' or 'generator.layout_bank'")
+    for name in graphs:
+        expected = velocity_inputs(kind, name)
+        if list(files[name].get("inputs", {})) != expected:
+            raise ExportError(f"{path}: field 'files.{name}.inputs' is {list(files[name].get('inputs', {}))}, expected {expected}")
+        channels = section["channels"].get(name)
+        shape = files[name]["inputs"]["x"].get("shape", [])
+        if len(shape) != 3 or shape[1:] != [section["num_tokens"], channels]:
+            raise ExportError(f"{path}: field 'files.{name}.inputs.x.shape' is {shape}, expected [batch, {section['num_tokens']}, {channels}] "
+                              "(generator.num_tokens, generator.channels)")
+        if verify_files:
+            check_file(folder, files[name], f"files.{name}", f"{name} velocity graph")
+    if "layout_bank" in section and verify_files:
+        check_file(folder, section["layout_bank"], "generator.layout_bank", "layout bank")
+    tok_folder = folder / str(manifest["tokenizer"])
+    try:
+        tok = read_manifest(tok_folder, verify_files)
+    except ExportError as err:
+        raise ExportError(f"{path}: field 'tokenizer' names a tokenizer export that does not load: {err}") from None
+    tok_path = tok_folder / MANIFEST_FILE
+    for field, ours, theirs in (("num_tokens", section["num_tokens"], tok["tokens_per_tile"]),
+                                ("feature_channels", c, tok["feature_channels"]), ("tile", section["tile"], tok["tile"])):
+        if ours != theirs:
+            raise ExportError(f"{path}: field 'generator.{field}' is {ours}, but the tokenizer export {tok_path} has "
+                              f"{'tokens_per_tile' if field == 'num_tokens' else field} {theirs}: the generator does not fit its tokenizer")
+    return manifest, tok_folder

@@ -1,0 +1,155 @@
+"""``gpstoken export-generator``: a GPSGenerator as ONNX velocity graphs + its tokenizer export + manifest.
+
+Folder (written atomically; schema ``gpstoken_core.manifest``, ``generator`` section):
+  texture.onnx             one velocity evaluation of the texture (or one-stage) SiT:
+                           x (B, L, 5 + C), t (B,), y (B,) int64, cond (B, L, 5) [two-stage only] -> v (B, L, 5 + C)
+  layout.onnx              the layout SiT (if the generator has one): x (B, L, 5), t (B,), y (B,) -> v (B, L, 5)
+  layout_bank.safetensors  the generator's g_init bank (if it has one): one float32 (N_c, L, 5) per class
+  tokenizer/               a `gpstoken export` folder of the generator's tokenizer (decodes the tokens)
+  manifest.json
+
+Batch is dynamic. Classifier-free guidance is NOT in the graphs: the runtime doubles the batch
+([conditional; unconditional] rows) and combines the halves with ``gpstoken_core.sampling.cfg_velocity``,
+as the torch pipeline does. So the guidance interval rule and the combine formula exist once (the sampler
+core), one graph serves guided and unguided sampling, a guided step is a single batched engine call, and
+outside the guidance interval no rows are evaluated twice.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+
+import gpstoken
+from gpstoken.generation.models import SiT
+from gpstoken.generation.pipeline import GPSGenerator
+from gpstoken_core import sampling as core
+from gpstoken_core.files import atomic_folder
+from gpstoken_core.manifest import LAYOUT, TEXTURE, graph_entry, velocity_inputs, write_manifest
+
+from .export import DTYPES, _io, export_model
+from .onnx_export import to_float16
+from .splat_function import ONNX_OPSET
+
+TOKENIZER_FOLDER = "tokenizer"
+BANK_FILE = "layout_bank.safetensors"
+SAMPLER_DEFAULTS = {  # GPSGenerator.generate's defaults (the official settings)
+    "sampler": "sde", "texture_steps": core.SDE_STEPS, "layout_steps": 5, "layout_sampler": "heun",
+    "cfg_scale": core.CFG_SCALE, "guidance": [core.GUIDANCE_LOW, core.GUIDANCE_HIGH], "layout_cfg_scale": 1.0,
+}
+
+
+class VelocityGraph(nn.Module):
+    """One velocity evaluation of a SiT: (x, t (B,), y (B,), [cond]) -> v (B, L, C)."""
+
+    def __init__(self, model: SiT, with_cond: bool):
+        super().__init__()
+        self.model, self.with_cond = model.eval(), with_cond
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(x, t, y, cond if self.with_cond else None)
+
+
+def example_layouts(batch: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """Plausible g_init (B, L, 5): small positive sigmas, rho 0, means in [-0.8, 0.8]."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.rand(batch, tokens, 5, generator=gen) * torch.tensor([0.1, 0.1, 0.0, 1.6, 1.6])
+    return g + torch.tensor([0.02, 0.02, 0.0, -0.8, -0.8])
+
+
+def velocity_feeds(model: SiT, batch: int, with_cond: bool, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of a velocity graph: x normal, t in (0, 1), labels with the null class among them."""
+    cfg = model.config
+    rng = np.random.default_rng(seed)
+    feeds = {
+        "x": rng.standard_normal((batch, cfg.num_tokens, cfg.in_channels), dtype=np.float32),
+        "t": rng.uniform(0.02, 0.98, batch).astype(np.float32),
+        "y": (np.arange(batch) * 7 % (cfg.num_classes + 1)).astype(np.int64),  # includes the null class at 3+ rows for 10 classes
+    }
+    if with_cond:
+        feeds["cond"] = example_layouts(batch, cfg.num_tokens, seed).numpy()
+    return feeds
+
+
+def export_velocity(model: SiT, path: str | Path, with_cond: bool) -> onnx.ModelProto:
+    path = Path(path)
+    names = ["x", "t", "y"] + (["cond"] if with_cond else [])
+    feeds = velocity_feeds(model, 2, with_cond)
+    args = tuple(torch.from_numpy(feeds[n]) for n in names)
+    axes = {n: {0: "batch"} for n in [*names, "v"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript deprecation + the forward's value checks (traced once)
+        # The wrapper is put in eval mode first: the exporter restores the wrapper's mode afterwards, recursively,
+        # and a fresh module's mode is training (which would switch on the SiT's label dropout).
+        torch.onnx.export(VelocityGraph(model.float().cpu(), with_cond).eval(), args, str(path), dynamo=False, opset_version=ONNX_OPSET,
+                          input_names=names, output_names=["v"], dynamic_axes=axes)
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(path))
+    return proto
+
+
+def _stats(model: SiT) -> dict:
+    cfg = model.config
+    return {"mean": model.mean.tolist(), "std": model.std.tolist(),
+            "cond_mean": None if cfg.cond_mean is None else list(cfg.cond_mean),
+            "cond_std": None if cfg.cond_std is None else list(cfg.cond_std)}
+
+
+def export_generator(generator: GPSGenerator, out: str | Path, dtype: str = "float32") -> Path:
+    """Export ``generator`` into the folder ``out``: velocity graphs, its layout bank, its tokenizer's
+    export (same dtype) and the manifest. ``dtype="float16"``: graphs in float16 (what TensorRT 11 needs
+    for fp16 engines); the runtime keeps the sampler state in float32 either way."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    generator.to("cpu")
+    tc, kc = generator.texture.config, generator.tokenizer.config
+    kind = "two-stage" if generator.two_stage else "one-stage"
+    with atomic_folder(out) as tmp:
+        export_model(generator.tokenizer, tmp / TOKENIZER_FOLDER, dtype=dtype)
+        models = {TEXTURE: generator.texture}
+        if generator.layout is not None:
+            models[LAYOUT] = generator.layout
+        graphs = {}
+        for name, model in models.items():
+            with_cond = "cond" in velocity_inputs(kind, name)
+            graphs[name] = export_velocity(model, tmp / f"{name}.onnx", with_cond)
+            if dtype == "float16":
+                graphs[name] = to_float16(tmp / f"{name}.onnx")
+        section = {
+            "kind": kind,
+            "num_classes": tc.num_classes,
+            "null_class": tc.num_classes,
+            "num_tokens": tc.num_tokens,
+            "feature_channels": kc.feature_channels,
+            "channels": {name: m.config.in_channels for name, m in models.items()} | {LAYOUT: 5},
+            "tile": kc.tile,
+            "s_min": generator.s_min,
+            "stats": {name: _stats(m) for name, m in models.items()},
+            "sampler_defaults": dict(SAMPLER_DEFAULTS),
+            "models": {name: m.config.to_dict() for name, m in models.items()},
+        }
+        if generator.layout_bank is not None:
+            from safetensors.numpy import save_file
+
+            bank = generator.layout_bank
+            save_file({f"class_{c}": g.float().numpy() for c, g in bank.layouts.items()}, str(tmp / BANK_FILE),
+                      metadata={"format": "gpstoken-layout-bank", "num_classes": str(bank.num_classes), "num_tokens": str(bank.num_tokens)})
+            section["layout_bank"] = graph_entry(tmp / BANK_FILE, {})
+        write_manifest(tmp, {
+            "generator": section,
+            "tokenizer": TOKENIZER_FOLDER,
+            "dtype": dtype,
+            "onnx_opset": ONNX_OPSET,
+            "exporter": {"gpstoken": gpstoken.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
+            "files": {name: graph_entry(tmp / f"{name}.onnx", _io(proto)) for name, proto in graphs.items()},
+        })
+    for part in (generator.texture, generator.tokenizer, generator.layout):  # the exporters may leave train mode set
+        if part is not None:
+            part.eval()
+    return Path(out)

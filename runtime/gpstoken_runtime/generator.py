@@ -1,0 +1,149 @@
+"""The runtime generator: the velocity graphs of a `gpstoken export-generator` folder, sampled with the shared
+sampler core (``gpstoken_core.generation`` / ``gpstoken_core.sampling``) and decoded by the tokenizer export
+the folder carries. No torch: the same seed gives the torch pipeline's tokens (``GPSGenerator``).
+
+    from gpstoken_runtime import Generator
+    gen = Generator.load("generator_export")                 # backend="onnxruntime" | "tensorrt"
+    images = gen.sample([3, 7], seed=0, steps=50)            # (2, H, W, 3) uint8
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gpstoken_core import generation as stages
+from gpstoken_core import sampling as core
+from gpstoken_core.manifest import LAYOUT, MANIFEST_FILE, TEXTURE, ExportError, read_generator_manifest
+
+from .backends import Backend, backend_class
+from .tokenizer import Tokenizer, Tokens
+
+
+@dataclass
+class Generation:
+    """The stages of one batch (numpy): the layout the layout network sampled (None for one-stage), the
+    tokens (``tokens.g_init`` the calibrated layout the texture network saw), the images (or None)."""
+
+    labels: np.ndarray
+    tokens: Tokens
+    layout_sampled: np.ndarray | None
+    images: np.ndarray | None
+
+
+class Generator:
+    def __init__(self, folder: Path, manifest: dict, graphs: dict[str, Backend], tokenizer: Tokenizer,
+                 bank: dict[int, np.ndarray] | None):
+        self.folder, self.manifest, self.graphs, self.tokenizer, self.bank = folder, manifest, graphs, tokenizer, bank
+        s = manifest["generator"]
+        self.section = s
+        self.kind = s["kind"]
+        self.num_classes, self.null_class = int(s["num_classes"]), int(s["null_class"])
+        self.num_tokens, self.tile, self.s_min = int(s["num_tokens"]), int(s["tile"]), int(s["s_min"])
+        self.defaults = dict(s["sampler_defaults"])
+        self._input_dtypes = {
+            name: {k: np.dtype(io["dtype"]) for k, io in manifest["files"][name]["inputs"].items()} for name in graphs
+        }
+
+    @property
+    def two_stage(self) -> bool:
+        return self.kind == "two-stage"
+
+    @classmethod
+    def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
+             **backend_options) -> Generator:
+        """Load a generator export (velocity graphs on ``backend``) and the tokenizer export it carries."""
+        folder = Path(folder)
+        manifest, tok_folder = read_generator_manifest(folder)
+        make = backend_class(backend)
+        graphs = {}
+        for name in manifest["files"]:
+            graph = make.from_manifest(folder, manifest, name, device=device, threads=threads, **backend_options)
+            expected = list(manifest["files"][name]["inputs"])
+            if graph.input_names != expected:
+                raise ExportError(f"{folder / MANIFEST_FILE}: {name} graph inputs {graph.input_names} differ from field 'files.{name}.inputs' {expected}")
+            graphs[name] = graph
+        tokenizer = Tokenizer.load(tok_folder, backend=backend, device=device, threads=threads, **backend_options)
+        bank = None
+        if "layout_bank" in manifest["generator"]:
+            path = folder / manifest["generator"]["layout_bank"]["path"]
+            try:
+                tensors, _ = stages.read_safetensors(path)
+                bank = {int(k.removeprefix("class_")): v.astype(np.float32) for k, v in tensors.items()}
+            except ValueError as err:
+                raise ExportError(f"{path}: field 'generator.layout_bank' names a bad layout bank ({err})") from None
+        return cls(folder, manifest, graphs, tokenizer, bank)
+
+    # ----------------------------------------------------------------- networks
+    def network(self, name: str):
+        """network(x, t (B,), y (B,), cond) of graph ``name`` on numpy arrays (float32 in and out; an fp16
+        export's feeds are cast, its outputs widened)."""
+        graph, types = self.graphs[name], self._input_dtypes[name]
+
+        def run(x, t, y, cond=None):
+            feeds = {"x": x, "t": t, "y": y}
+            if cond is not None:
+                feeds["cond"] = cond
+            feeds = {k: np.ascontiguousarray(v, dtype=types[k]) for k, v in feeds.items() if k in types}
+            return np.asarray(graph.run(feeds)[0], dtype=np.float32)
+
+        return run
+
+    # ----------------------------------------------------------------- sampling
+    def _layouts(self, y: np.ndarray, rng, steps: int, sampler: str, cfg_scale: float, calibrate: bool):
+        if LAYOUT not in self.graphs:
+            if self.bank is None:
+                raise ValueError("this generator export has no layout network and no layout bank")
+            g = np.stack(stages.pick_layouts(self.bank, y, rng)).astype(np.float32)
+            return g, g
+        stats = self.section["stats"][LAYOUT]
+        z = stages.start_noise(rng, len(y), self.num_tokens, stages.LAYOUT_CHANNELS, np.zeros((), np.float32))
+        velocity = stages.guided_velocity(self.network(LAYOUT), y, None, cfg_scale, (0.0, 1.0), self.null_class)
+        x = stages.sample_layout(velocity, z, steps, sampler, cfg_scale)
+        g = stages.denormalize(x, stats["mean"], stats["std"])
+        return g, (stages.calibrate_batch(g, self.tile, self.s_min) if calibrate else g)
+
+    def generate(self, labels, seed: int = 0, cfg_scale: float | None = None, guidance=None, layout_steps: int | None = None,
+                 steps: int | None = None, sampler: str | None = None, layout_sampler: str | None = None,
+                 layout_cfg_scale: float | None = None, decode: bool = True) -> Generation:
+        """Every stage of a generation for class ids ``labels``; options default to the manifest's
+        ``sampler_defaults`` (the official settings). ``steps``: texture-stage steps (SDE points or ODE steps)."""
+        d = self.defaults
+        cfg_scale = d["cfg_scale"] if cfg_scale is None else cfg_scale
+        guidance = tuple(d["guidance"] if guidance is None else guidance)
+        layout_steps = d["layout_steps"] if layout_steps is None else layout_steps
+        steps = d["texture_steps"] if steps is None else steps
+        sampler = d["sampler"] if sampler is None else sampler
+        layout_sampler = d["layout_sampler"] if layout_sampler is None else layout_sampler
+        layout_cfg_scale = d["layout_cfg_scale"] if layout_cfg_scale is None else layout_cfg_scale
+        stages.check_options(sampler, cfg_scale, guidance, layout_cfg_scale, layout_steps, steps, layout_sampler)
+        y = stages.check_labels(labels, self.num_classes)
+        b = len(y)
+        rng = core.pcg64(seed)
+        sampled = cond = None
+        if self.two_stage:
+            sampled, cond = self._layouts(y, rng, layout_steps, layout_sampler, layout_cfg_scale, True)
+        stats = self.section["stats"][TEXTURE]
+        channels = self.section["channels"][TEXTURE]
+        z = stages.start_noise(rng, b, self.num_tokens, channels, np.zeros((), np.float32))
+        velocity = stages.guided_velocity(self.network(TEXTURE), y, cond, cfg_scale, guidance, self.null_class)
+        x = stages.sample_texture(velocity, z, rng, steps, sampler, cfg_scale)
+        g, f = stages.split_tokens(stages.denormalize(x, stats["mean"], stats["std"]), cond)
+        tile = self.tile
+        tokens = Tokens(g=g.astype(np.float32), f=f.astype(np.float32),
+                        g_init=(cond if cond is not None else np.zeros_like(g)).astype(np.float32),
+                        image_size=(tile, tile), tiles=np.array([[0, 0, tile - 1, tile - 1]], np.int32),
+                        tile_index=np.zeros(self.num_tokens, np.int32))
+        images = self.tokenizer.decode(tokens) if decode else None
+        return Generation(labels=y, tokens=tokens, layout_sampled=sampled, images=images)
+
+    def sample_tokens(self, labels, seed: int = 0, **options) -> Tokens:
+        """Tokens (g (B, L, 5), f (B, L, C)) for class ids ``labels``; options as ``generate``."""
+        return self.generate(labels, seed=seed, decode=False, **options).tokens
+
+    def sample(self, labels, seed: int = 0, cfg_scale: float | None = None, steps: int | None = None,
+               sampler: str | None = None, **options) -> np.ndarray:
+        """(B, H, W, 3) uint8 images for class ids ``labels``, decoded by the carried tokenizer export."""
+        return self.generate(labels, seed=seed, cfg_scale=cfg_scale, steps=steps, sampler=sampler, **options).images

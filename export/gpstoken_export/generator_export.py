@@ -88,10 +88,30 @@ def export_velocity(model: SiT, path: str | Path, with_cond: bool) -> onnx.Model
         # and a fresh module's mode is training (which would switch on the SiT's label dropout).
         torch.onnx.export(VelocityGraph(model.float().cpu(), with_cond).eval(), args, str(path), dynamo=False, opset_version=ONNX_OPSET,
                           input_names=names, output_names=["v"], dynamic_axes=axes)
-    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    proto = drop_identity_casts(onnx.shape_inference.infer_shapes(onnx.load(str(path))))
+    proto = onnx.shape_inference.infer_shapes(proto)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
     return proto
+
+
+def drop_identity_casts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove Cast nodes from float32 to float32 (``cond.to(h.dtype)`` in SiT.forward): the float16 converter
+    leaves their 'to' at float32, which would meet its float16 constants in the next node."""
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.value_info, *model.graph.output]}
+    outputs = {o.name for o in model.graph.output}
+    rename, keep = {}, []
+    for node in model.graph.node:
+        node.input[:] = [rename.get(i, i) for i in node.input]
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and to == onnx.TensorProto.FLOAT and types.get(node.input[0]) == onnx.TensorProto.FLOAT \
+                and node.output[0] not in outputs:
+            rename[node.output[0]] = node.input[0]
+            continue
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
 
 
 def _stats(model: SiT) -> dict:

@@ -144,7 +144,26 @@ def tiny() -> TokenizerConfig:
     )
 
 
-PRESETS = {"s64": s64, "m128": m128, "l256": l256, "tiny": tiny}
+def digits() -> TokenizerConfig:
+    """The digits demo (gpstoken.generation.digits): 32x32 images as one tile of 16 tokens.
+
+    min_region 4 leaves at most 64 regions (8x8 of 4 px, the digits' original pixel grid); the tiny
+    network's layout, narrower (2 token blocks, a 64-channel 8x8 map) and 8 feature channels, since a
+    32x32 grey digit holds little texture and a short token (5 + 8) is easier for the generator to model.
+    """
+    return TokenizerConfig(
+        name="digits",
+        tokens_per_tile=16,
+        feature_channels=8,
+        min_region=4,
+        tile=32,
+        decode_mode="tiles",
+        encoder=EncoderConfig(stem_channels=32, stem_blocks=1, width=128, depth=2, heads=4),
+        decoder=DecoderConfig(channels=16, channel_mult=(1, 2, 4), res_blocks=1, mid_attention=False, groups=16),
+    )
+
+
+PRESETS = {"s64": s64, "m128": m128, "l256": l256, "tiny": tiny, "digits": digits}
 
 
 def preset(name: str) -> TokenizerConfig:

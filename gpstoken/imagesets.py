@@ -2,6 +2,7 @@
 
 ``skimage:`` names the photographs scikit-image ships in its wheel (our training photos), ``sklearn:``
 scikit-learn's two sample photos (our held-out set); a single ``skimage:NAME`` entry also works.
+``digits:train`` / ``digits:test`` are scikit-learn's 8x8 digits upscaled to 64x64 (``gpstoken.generation.digits``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class DataError(ValueError):
 
 def list_images(source: str) -> list[str]:
     """Image paths from a folder (recursive), a text file with one path per line, or ``skimage:``
-    (the bundled photos) / ``sklearn:`` (scikit-learn's sample photos)."""
+    (the bundled photos) / ``sklearn:`` (scikit-learn's sample photos) / ``digits:SPLIT`` (the digits demo)."""
+    if source.startswith("digits:"):
+        return _digits().image_names(source)
     if source in ("skimage:", "sklearn:"):
         return [f"{source}{name}" for name in (SKIMAGE_PHOTOS if source == "skimage:" else SKLEARN_PHOTOS)]
     path = Path(source)
@@ -47,7 +50,9 @@ def list_images(source: str) -> list[str]:
 
 
 def read_image(name: str) -> np.ndarray:
-    """HxWx3 uint8 from a path or a ``skimage:NAME`` / ``sklearn:NAME`` bundled photo."""
+    """HxWx3 uint8 from a path or a ``skimage:NAME`` / ``sklearn:NAME`` bundled photo, or ``digits:SPLIT:i``."""
+    if name.startswith("digits:"):
+        return _digits().read_digit(name)
     if name.startswith("skimage:"):
         from gpstoken_core.imageio import bundled_photo
 
@@ -65,3 +70,10 @@ def read_image(name: str) -> np.ndarray:
 
         return np.ascontiguousarray(load_sample_image(name[len("sklearn:") :] + ".jpg"))
     return load_image(name)
+
+
+def _digits():
+    # lazy: the digits module needs scikit-learn, which only the digits sources use
+    from .generation import digits
+
+    return digits

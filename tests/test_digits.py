@@ -1,0 +1,121 @@
+"""The digits demo: data source, fixed split, the independent judge, the tokenizer preset, shipped models.
+
+Floors are below the measured figures (stated next to each), so the tests fail on a real regression, not
+on noise: the judge and the shipped models are deterministic, only the floors leave room for a retrain.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gpstoken_core.partition import partition
+from PIL import Image
+
+from gpstoken.config import TokenizerConfig, preset
+from gpstoken.generation import digits
+from gpstoken.imagesets import DataError, list_images, read_image
+
+SHIPPED_JUDGE_ACCURACY = 0.95  # measured 0.972 on digits:test (359 images)
+
+
+# ----------------------------------------------------------------------------- images and split
+def test_digit_images_are_rgb_32px_with_ten_labels():
+    for split, count in (("train", 1438), ("test", 359), ("all", 1797)):
+        images, labels = digits.digit_images(split)
+        assert images.shape == (count, 32, 32, 3) and images.dtype == np.uint8, split
+        assert labels.shape == (count,) and labels.dtype == np.int64, split
+        assert set(labels.tolist()) == set(range(10)), split
+        assert np.array_equal(images[..., 0], images[..., 2]), f"{split}: grey repeated into RGB"
+    with pytest.raises(DataError, match="unknown digits split"):
+        digits.digit_images("valid")
+
+
+def test_digit_images_are_the_bicubic_upscale_of_sklearn_digits():
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    images, labels = digits.digit_images("all")
+    assert np.array_equal(labels, raw.target)
+    for i in (0, 100, 1796):
+        grey = np.rint(raw.images[i] * 255 / 16).astype(np.uint8)
+        expected = np.asarray(Image.fromarray(grey).resize((32, 32), Image.BICUBIC))
+        assert np.array_equal(images[i, :, :, 0], expected), f"image {i}"
+
+
+def test_split_is_disjoint_complete_stratified_and_fixed():
+    train, test = digits.split_indices()
+    assert not set(train) & set(test)
+    assert sorted([*train, *test]) == list(range(1797))
+    _, labels = digits.digit_images("all")
+    for c in range(10):
+        n = int((labels == c).sum())
+        assert int((labels[test] == c).sum()) == round(0.2 * n), f"class {c}: held-out share"
+    digits.split_indices.cache_clear()
+    again = digits.split_indices()
+    assert np.array_equal(again[0], train) and np.array_equal(again[1], test), "the split is not deterministic"
+
+
+def test_digits_data_source_reads_the_split_images():
+    names = list_images("digits:test")
+    images, _ = digits.digit_images("test")
+    assert len(names) == 359 and names[0] == "digits:test:0"
+    assert np.array_equal(read_image(names[7]), images[7])
+    assert list_images("digits:") == list_images("digits:train")  # the generators' data: the training split
+    with pytest.raises(DataError, match="unknown digits split"):
+        list_images("digits:validation")
+    with pytest.raises(DataError, match="has 359 images"):
+        read_image("digits:test:359")
+
+
+# ----------------------------------------------------------------------------- the judge
+def test_shipped_judge_recognizes_held_out_digits():
+    judge = digits.load_judge()
+    images, labels = digits.digit_images("test")
+    accuracy = judge.accuracy(images, labels)
+    assert accuracy >= SHIPPED_JUDGE_ACCURACY, f"judge accuracy on digits:test {accuracy:.3f}"
+    assert accuracy == pytest.approx(judge.test_accuracy), "judge.json records another accuracy"
+    for c in range(10):
+        assert (judge.predict(images[labels == c]) == c).mean() >= 0.85, f"class {c}"
+    features = judge.features(images[:5])
+    assert features.shape == (5, digits.JUDGE_HIDDEN) and np.isfinite(features).all()
+
+
+def test_judge_fails_when_trained_on_shuffled_labels():
+    """The accuracy is earned: the same short training on permuted labels is at chance level."""
+    images, labels = digits.digit_images("train")
+    real = digits.train_judge(images, labels, iterations=60)
+    shuffled = digits.train_judge(images, np.random.default_rng(0).permutation(labels), iterations=60)
+    assert real.test_accuracy >= 0.9, real.test_accuracy  # measured 0.961
+    assert shuffled.test_accuracy <= 0.2, shuffled.test_accuracy  # chance 0.1; measured 0.086
+
+
+def test_judge_rejects_other_images_and_bad_files(tmp_path):
+    judge = digits.load_judge()
+    with pytest.raises(DataError, match=r"uint8 \(N, 32, 32, 3\)"):
+        judge.predict(np.zeros((2, 64, 64, 3), np.uint8))
+    with pytest.raises(DataError, match="uint8"):
+        judge.features(np.zeros((2, 32, 32, 3), np.float32))
+    judge.save(tmp_path / "j")
+    assert np.array_equal(digits.DigitsJudge.load(tmp_path / "j").predict(digits.digit_images("test")[0][:20]),
+                          judge.predict(digits.digit_images("test")[0][:20]))  # fmt: skip
+    (tmp_path / "j" / "judge.safetensors").unlink()
+    with pytest.raises(DataError, match="judge.safetensors: missing"):
+        digits.DigitsJudge.load(tmp_path / "j")
+    info = json.loads((digits.SHIPPED / "judge" / "judge.json").read_text())
+    assert info["format"] == digits.JUDGE_FORMAT and info["side"] == digits.JUDGE_SIDE
+
+
+# ----------------------------------------------------------------------------- the tokenizer preset
+def test_digits_preset_partitions_a_digit_into_16_regions_of_at_least_4px():
+    cfg = preset("digits")
+    assert (cfg.tile, cfg.tokens_per_tile, cfg.min_region) == (32, 16, 4)
+    assert TokenizerConfig.from_json(cfg.to_json()) == cfg
+    image = digits.digit_images("test")[0][0]
+    part = partition(image, cfg.tokens_per_tile, lam=cfg.lam, min_size=cfg.min_region, tile=cfg.tile, threads=1)
+    boxes = np.asarray(part.boxes)
+    assert part.g_init.shape == (16, 5) and len(boxes) == 16
+    sides = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1) + 1  # inclusive corners
+    assert sides.min() >= cfg.min_region, sides
+    assert int((sides[:, 0] * sides[:, 1]).sum()) == 32 * 32, "the regions cover the tile once"

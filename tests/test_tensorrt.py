@@ -73,6 +73,10 @@ def test_plugin_library_host_checks(tmp_path):
     build = tmp_path / "build"
     out = _build_and_run(build, "gpstoken_trt_host_test", str(build / "libgpstoken_trt.so"), str(build / "libgpstoken_trt_selfregister.so"))
     assert "all GaussianSplat plugin host checks passed" in out
+    # the CUDA runtime is linked statically, so the plugin loads next to pip TensorRT wheels
+    for library in ("libgpstoken_trt.so", "libgpstoken_trt_selfregister.so"):
+        needed = subprocess.run(["readelf", "-d", str(build / library)], capture_output=True, text=True, check=True).stdout
+        assert "libcudart" not in needed, needed
 
 
 # ---- the exported ONNX as the builder sees it --------------------------------------------------------

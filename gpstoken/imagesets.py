@@ -2,7 +2,7 @@
 
 ``skimage:`` names the photographs scikit-image ships in its wheel (our training photos), ``sklearn:``
 scikit-learn's two sample photos (our held-out set); a single ``skimage:NAME`` entry also works.
-``digits:train`` / ``digits:test`` are scikit-learn's 8x8 digits upscaled to 64x64 (``gpstoken.generation.digits``).
+``digits:train`` / ``digits:test`` are scikit-learn's 8x8 digits upscaled to 32x32 (``gpstoken.generation.digits``).
 """
 
 from __future__ import annotations

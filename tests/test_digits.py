@@ -119,3 +119,26 @@ def test_digits_preset_partitions_a_digit_into_16_regions_of_at_least_4px():
     sides = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], axis=1) + 1  # inclusive corners
     assert sides.min() >= cfg.min_region, sides
     assert int((sides[:, 0] * sides[:, 1]).sum()) == 32 * 32, "the regions cover the tile once"
+
+
+# ----------------------------------------------------------------------------- the shipped tokenizer
+def test_shipped_digits_tokenizer_keeps_digits_recognizable():
+    """On 120 held-out digits: PSNR and the judge's accuracy on reconstructions vs on the originals
+    (measured on all 359: 31.7 dB, accuracy 0.978 reconstructed vs 0.972 real)."""
+    import torch
+
+    from gpstoken import GPSTokenizer
+
+    tok = GPSTokenizer.from_pretrained(digits.SHIPPED / "tokenizer").eval()
+    assert tok.config == preset("digits")
+    images, labels = digits.digit_images("test")
+    images, labels = np.array(images[::3]), labels[::3]
+    with torch.inference_mode():
+        x = tok.reconstruct(images)
+    recon = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    mse = ((recon.astype(np.float64) - images) ** 2).mean(axis=(1, 2, 3))
+    mean_psnr = float(np.mean(10 * np.log10(255**2 / np.maximum(mse, 1e-10))))
+    assert mean_psnr >= 29.0, f"reconstruction PSNR {mean_psnr:.2f} dB"
+    judge = digits.load_judge()
+    real, rebuilt = judge.accuracy(images, labels), judge.accuracy(recon, labels)
+    assert rebuilt >= 0.95 * real, f"judge accuracy {rebuilt:.3f} on reconstructions vs {real:.3f} on real digits"

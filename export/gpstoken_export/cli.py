@@ -108,16 +108,6 @@ def _cmd_export_generator(args: argparse.Namespace) -> None:
         if not check_generator_export(out, generator):
             raise ValueError(f"parity check failed: {out} does not reproduce the torch generator within tolerance")
         print("parity PASSED (torch vs ONNX Runtime: velocity graphs at batch 1 and 3, sampled tokens)")
-    if args.tensorrt:
-        from gpstoken_core.tensorrt import TensorRTUnavailable
-
-        from .build_engine import build_generator_engines
-
-        try:
-            build_generator_engines(out, args.plugin, max_batch=args.max_batch)
-        except TensorRTUnavailable as err:
-            raise ValueError(f"the ONNX export in {out}/ is complete, but no TensorRT engines were built: {err}") from None
-        print(f"TensorRT engines: {out}/*.engine and {out}/tokenizer/*.engine (manifests have the tensorrt sections)")
 
 
 def register_generator(sub) -> None:
@@ -136,8 +126,5 @@ def register_generator(sub) -> None:
     exp.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     exp.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="graph precision (default float32)")
     exp.add_argument("--check", action="store_true", help="then compare torch and ONNX Runtime with polygraphy (fails above tolerance)")
-    exp.add_argument("--tensorrt", action="store_true", help="then build TensorRT engines (needs a GPU, tensorrt, cuda-bindings, the plugin)")
-    exp.add_argument("--plugin", type=Path, help="libgpstoken_trt.so for --tensorrt (default: $GPSTOKEN_TRT_PLUGIN or the installed one)")
-    exp.add_argument("--max-batch", type=positive_int, default=8,
-                     help="largest image batch of the engines' profiles (default 8; the velocity engines take 2x for CFG)")
+    # TensorRT engines for the velocity graphs are not built yet (issue 17's TensorRT path is open)
     exp.set_defaults(run=_cmd_export_generator)

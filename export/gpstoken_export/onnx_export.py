@@ -106,7 +106,8 @@ def export_decoder(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            DecoderGraph(model, image_size, grid),
+            # eval(): torch.onnx.export restores the wrapper's mode afterwards, and a new module is in training mode
+            DecoderGraph(model, image_size, grid).eval(),
             (g, f),
             str(path),
             dynamo=False,
@@ -147,7 +148,7 @@ def export_encoder(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            EncoderGraph(model),
+            EncoderGraph(model).eval(),
             (x, g_init, boxes),
             str(path),
             dynamo=False,

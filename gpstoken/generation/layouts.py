@@ -13,14 +13,12 @@ import numpy as np
 import torch
 
 from gpstoken_core.official import MIN_REGION
+from gpstoken_core.partition import calibrate
 from gpstoken_core.tiling import TILE
 
 from ..checkpoint import CheckpointError, load_tensors, save_tensors
-from gpstoken_core.partition import calibrate
 
 BANK_FORMAT = "gpstoken-layout-bank"
-SIGMA_RANGE = (1e-5, 0.99999)  # official post-processing clamps
-RHO_LIMIT = 0.99999
 
 
 def check_layout(g_init, num_tokens: int | None = None, name: str = "layout") -> torch.Tensor:
@@ -52,13 +50,6 @@ def calibrate_layouts(g_pred: torch.Tensor, size: tuple[int, int] = (TILE, TILE)
         raise ValueError("predicted layout has NaN or Inf means; the layout model diverged")
     out = np.stack([calibrate(layout, size, s_min)[0] for layout in g])
     return torch.from_numpy(out).to(device=g_pred.device, dtype=torch.float32)
-
-
-def clamp_gaussians(g: torch.Tensor) -> torch.Tensor:
-    """The official post-processing: sigma to [1e-5, 0.99999], rho to [-0.99999, 0.99999]; means as they are."""
-    return torch.cat(
-        [g[..., :2].clamp(*SIGMA_RANGE), g[..., 2:3].clamp(-RHO_LIMIT, RHO_LIMIT), g[..., 3:]], dim=-1
-    )
 
 
 class LayoutBank:

@@ -167,3 +167,32 @@ def cleanup_partial(root: str | Path) -> list[Path]:
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
+
+
+def find_resume_checkpoint(root: str | Path, cfg, resume: bool, fixed: tuple[str, ...], main: bool, barrier=lambda: None):
+    """The checkpoint a run continues from, or None for a new run, with the refusals every trainer needs.
+
+    ``resume``: clear leftovers of a killed save (rank 0), take the latest complete checkpoint and refuse
+    one written with other values of the ``fixed`` config fields; without ``resume``: refuse to start
+    over existing checkpoints. Returns (path, tensors, state) or None."""
+    from gpstoken.checkpoint import CheckpointError
+
+    from .config import changed_on_resume
+    from .progress import log
+
+    root = Path(root)
+    if not resume:
+        if latest_checkpoint(root) is not None:
+            raise CheckpointError(f"{root} already has checkpoints: pass --resume to continue, or choose another --out")
+        return None
+    for p in cleanup_partial(root) if main else []:
+        log.info(f"removed an incomplete checkpoint {p.name} (the run was killed while writing it)")
+    barrier()
+    ckpt = latest_checkpoint(root)
+    if ckpt is None:
+        raise CheckpointError(f"--resume: no checkpoint in {root}")
+    parts, state = load_checkpoint(ckpt)
+    changed = changed_on_resume(state["train_config"], cfg, fixed)
+    if changed:
+        raise CheckpointError(f"{ckpt}: was written with a different {', '.join(changed)}; resume with the same settings or start a new --out")
+    return ckpt, parts, state

@@ -94,3 +94,23 @@ def replica_difference(model: torch.nn.Module) -> float:
     diff = (flat - reference).abs().max().reshape(1)
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()
+
+
+def run_trainer(train, cfg, errors: tuple[type[Exception], ...]) -> int:
+    """A trainer's ``main``: processes set up from torchrun's environment, rank-0 logging, torch threads,
+    ``train(cfg, ddp)``; the expected ``errors`` become one logged line and exit status 2."""
+    import torch
+
+    from .progress import log, setup_logging
+
+    ddp = setup(cfg.device)
+    setup_logging(ddp.main)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return train(cfg, ddp)
+    except errors as err:
+        log.error(f"error: {err}")
+        return 2
+    finally:
+        cleanup()

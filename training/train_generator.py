@@ -33,12 +33,12 @@ from gpstoken.generation.shards import DataError, TokenShards, model_data, shard
 from gpstoken.generation.transport import velocity_loss
 from training import distributed
 from training.checkpointing import (
-    cleanup_partial, crash_point, latest_checkpoint, load_checkpoint, restore_training_state, save_training_state,
+    crash_point, find_resume_checkpoint, restore_training_state, save_training_state,
 )
-from training.config import changed_on_resume, parse_config, require_positive
+from training.config import parse_config, require_positive
 from training.data import StepBatches
 from training.ema import EMA
-from training.progress import Progress, log, setup_logging
+from training.progress import Progress, log
 
 STAGES = {"layout": "layout", "texture": "texture", "one-stage": "onestage"}  # --stage -> SiTConfig.role
 DEFAULT_MODEL = {"layout": "SiT-S/layout", "texture": "SiT-XL/2-gs", "one-stage": "SiT-XL/onestage"}
@@ -83,18 +83,7 @@ class GeneratorTrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(GeneratorTrainConfig, argv, __doc__)
-    ddp = distributed.setup(cfg.device)
-    setup_logging(ddp.main)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return train(cfg, ddp)
-    except (DataError, CheckpointError, OSError, ValueError) as err:
-        log.error(f"error: {err}")
-        return 2
-    finally:
-        distributed.cleanup()
+    return distributed.run_trainer(train, parse_config(GeneratorTrainConfig, argv, __doc__), (DataError, CheckpointError, OSError, ValueError))
 
 
 def build_config(cfg: GeneratorTrainConfig, shards: TokenShards, ddp: distributed.Distributed) -> SiTConfig:
@@ -133,24 +122,14 @@ def train(cfg: GeneratorTrainConfig, ddp: distributed.Distributed) -> int:
     shards = TokenShards(cfg.shards)
 
     # ----------------------------------------------------------------- resume or a new model
-    ckpt = None
-    if cfg.resume:
-        for p in cleanup_partial(ckpt_root) if ddp.main else []:
-            log.info(f"removed an incomplete checkpoint {p.name} (the run was killed while writing it)")
-        distributed.barrier()
-        ckpt = latest_checkpoint(ckpt_root)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {ckpt_root}")
-        parts, state = load_checkpoint(ckpt)
-        changed = changed_on_resume(state["train_config"], cfg, GeneratorTrainConfig.FIXED_ON_RESUME)
+    found = find_resume_checkpoint(ckpt_root, cfg, cfg.resume, GeneratorTrainConfig.FIXED_ON_RESUME, ddp.main, distributed.barrier)
+    if found is not None:
+        ckpt, parts, state = found
         if state.get("tokenizer_hash") != shards.info["tokenizer_hash"]:
-            changed.append("tokenizer of the shards")
-        if changed:
-            raise CheckpointError(f"{ckpt}: was written with a different {', '.join(changed)}; resume with the same settings or start a new --out")
+            raise CheckpointError(f"{ckpt}: was written with a different tokenizer of the shards; resume with the same settings or start a new --out")
         mc = SiTConfig.from_dict(state["model_config"])  # the statistics of the first run
-    elif latest_checkpoint(ckpt_root) is not None:
-        raise CheckpointError(f"{ckpt_root} already has checkpoints: pass --resume to continue, or choose another --out")
     else:
+        ckpt = None
         mc = build_config(cfg, shards, ddp)
     shards.check_model(mc)
 

@@ -26,13 +26,13 @@ from gpstoken_core.tiling import TILE
 from training import distributed
 from training import tokenizer_recipe as recipe
 from training.checkpointing import (
-    cleanup_partial, crash_point, latest_checkpoint, load_checkpoint, restore_training_state, save_training_state,
+    crash_point, find_resume_checkpoint, restore_training_state, save_training_state,
 )
-from training.config import changed_on_resume, parse_config, require_positive
+from training.config import parse_config, require_positive
 from training.data import DataError, StepBatches, TokenizerDataset, collate, list_images
 from training.ema import EMA
 from training.losses import PatchDiscriminator
-from training.progress import Progress, log, setup_logging
+from training.progress import Progress, log
 
 
 @dataclass
@@ -78,18 +78,7 @@ class TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(TrainConfig, argv, __doc__)
-    ddp = distributed.setup(cfg.device)
-    setup_logging(ddp.main)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return train(cfg, ddp)
-    except (DataError, CheckpointError, OSError) as err:
-        log.error(f"error: {err}")
-        return 2
-    finally:
-        distributed.cleanup()
+    return distributed.run_trainer(train, parse_config(TrainConfig, argv, __doc__), (DataError, CheckpointError, OSError))
 
 
 def train(cfg: TrainConfig, ddp: distributed.Distributed) -> int:
@@ -121,25 +110,14 @@ def train(cfg: TrainConfig, ddp: distributed.Distributed) -> int:
 
     # ----------------------------------------------------------------- resume
     start, bad_total, small_total = 0, 0, 0
-    if cfg.resume:
-        for p in cleanup_partial(ckpt_root) if ddp.main else []:
-            log.info(f"removed an incomplete checkpoint {p.name} (the run was killed while writing it)")
-        ckpt = latest_checkpoint(ckpt_root)
-        if ckpt is None:
-            raise CheckpointError(f"--resume: no checkpoint in {ckpt_root}")
-        parts, state = load_checkpoint(ckpt)
-        changed = changed_on_resume(state["train_config"], cfg, TrainConfig.FIXED_ON_RESUME)
-        if changed:
-            raise CheckpointError(
-                f"{ckpt}: was written with a different {', '.join(changed)}; resume with the same settings or start a new --out"
-            )
+    found = find_resume_checkpoint(ckpt_root, cfg, cfg.resume, TrainConfig.FIXED_ON_RESUME, ddp.main)
+    if found is not None:
+        ckpt, parts, state = found
         if TokenizerConfig.from_dict(state["model_config"]) != mc:
             raise CheckpointError(f"{ckpt}: the checkpoint's model config differs from --model {cfg.model}")
         start = restore_training_state(ckpt, parts, state, modules, optimizers)
         bad_total, small_total = int(state.get("skipped_images", 0)), int(state.get("upscaled_samples", 0))
         log.info(f"resumed from {ckpt} (step {start})")
-    elif latest_checkpoint(ckpt_root) is not None:
-        raise CheckpointError(f"{ckpt_root} already has checkpoints: pass --resume to continue, or choose another --out")
 
     # ----------------------------------------------------------------- data (batches are functions of seed and step)
     dataset = TokenizerDataset(files, cfg.size, tokens, mc.lam, mc.min_region, cfg.flip, cfg.scale_jitter, tile=mc.tile)

@@ -16,9 +16,9 @@ import numpy as np
 
 from gpstoken_core import generation as stages
 from gpstoken_core import sampling as core
-from gpstoken_core.manifest import LAYOUT, MANIFEST_FILE, TEXTURE, ExportError, read_generator_manifest
+from gpstoken_core.manifest import LAYOUT, TEXTURE, ExportError, read_generator_manifest
 
-from .backends import Backend, backend_class
+from .backends import Backend, load_graphs
 from .tokenizer import Tokenizer, Tokens
 
 
@@ -57,14 +57,7 @@ class Generator:
         """Load a generator export (velocity graphs on ``backend``) and the tokenizer export it carries."""
         folder = Path(folder)
         manifest, tok_folder = read_generator_manifest(folder)
-        make = backend_class(backend)
-        graphs = {}
-        for name in manifest["files"]:
-            graph = make.from_manifest(folder, manifest, name, device=device, threads=threads, **backend_options)
-            expected = list(manifest["files"][name]["inputs"])
-            if graph.input_names != expected:
-                raise ExportError(f"{folder / MANIFEST_FILE}: {name} graph inputs {graph.input_names} differ from field 'files.{name}.inputs' {expected}")
-            graphs[name] = graph
+        graphs = load_graphs(folder, manifest, backend, device, threads, **backend_options)
         tokenizer = Tokenizer.load(tok_folder, backend=backend, device=device, threads=threads, **backend_options)
         bank = None
         if "layout_bank" in manifest["generator"]:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from gpstoken_core.manifest import ENCODER, ExportError, decoder_graph, read_manifest
+from gpstoken_core.manifest import ENCODER, decoder_graph, read_manifest
 from gpstoken_core.tiling import check_decode_mode, decode_jobs, encode_groups, tile_grid, tile_to_image
 
 from gpstoken_core import imageio, partition as _partition
-from .backends import Backend, backend_class
+from .backends import Backend, load_graphs
 
 
 @dataclass
@@ -59,15 +59,7 @@ class Tokenizer:
         """Load every graph of an export folder on ``backend`` (onnxruntime, tensorrt)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
-        make = backend_class(backend)
-        graphs = {}
-        for name in manifest["files"]:
-            graph = make.from_manifest(folder, manifest, name, device=device, threads=threads, **backend_options)
-            expected = list(manifest["files"][name]["inputs"])
-            if graph.input_names != expected:
-                raise ExportError(f"{name} graph inputs {graph.input_names} differ from the manifest's {expected}")
-            graphs[name] = graph
-        return cls(folder, manifest, graphs)
+        return cls(folder, manifest, load_graphs(folder, manifest, backend, device, threads, **backend_options))
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Feeds cast to the graph's input dtypes (float16 exports); outputs returned as float32."""

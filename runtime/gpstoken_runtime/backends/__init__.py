@@ -18,4 +18,20 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module, __name__), cls)
 
 
-__all__ = ["BACKENDS", "Backend", "backend_class"]
+def load_graphs(folder, manifest: dict, backend: str, device: str = "cpu", threads: int | None = None,
+                **options) -> dict[str, Backend]:
+    """Every graph of an export's manifest on ``backend``, each checked to take the inputs the manifest names."""
+    from gpstoken_core.manifest import MANIFEST_FILE, ExportError
+
+    make = backend_class(backend)
+    graphs = {}
+    for name, entry in manifest["files"].items():
+        graph = make.from_manifest(folder, manifest, name, device=device, threads=threads, **options)
+        expected = list(entry["inputs"])
+        if graph.input_names != expected:
+            raise ExportError(f"{folder}/{MANIFEST_FILE}: {name} graph inputs {graph.input_names} differ from field 'files.{name}.inputs' {expected}")
+        graphs[name] = graph
+    return graphs
+
+
+__all__ = ["BACKENDS", "Backend", "backend_class", "load_graphs"]

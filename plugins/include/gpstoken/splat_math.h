@@ -111,10 +111,11 @@ GPSTOKEN_HD GaussianCoeffs<T> gaussian_coeffs(const T* g) {
 // Intermediate terms shared by the weight and its gradient at one pixel.
 template <typename T>
 struct GaussianTerms {
-  T a, b;    // standardized offsets (x - mu_x)/sigma_x, (y - mu_y)/sigma_y
-  T d, e;    // a - rho b and b - rho a, computed without cancellation
-  T z;       // exponent: G = exp(-z), z >= 0
-  T weight;  // G
+  T a, b;       // standardized offsets (x - mu_x)/sigma_x, (y - mu_y)/sigma_y
+  T d, e;       // a - rho b and b - rho a
+  T de_over_q;  // d e / q = a b - 2 rho z (the rho gradient's factor)
+  T z;          // exponent: G = exp(-z), z >= 0
+  T weight;     // G
 };
 
 GPSTOKEN_HD float exp_t(float v) {
@@ -140,17 +141,28 @@ GPSTOKEN_HD T minus_rho_times(T u, T v, const GaussianCoeffs<T>& c) {
 }
 
 // G at offset (dx, dy) = (x - mu_x, y - mu_y), assuming the caller checked `in_support`.
-//   z = (a^2 - 2 rho a b + b^2) / (2 q) = b^2 / 2 + d^2 / (2 q),  d = a - rho b,  q = 1 - rho^2:
-// a sum of two non-negative terms, so z keeps its digits however close |rho| gets to 1 (the
-// expanded quadratic form loses them: ~4e-2 weight error in float32 at rho = 0.999999).
+//   z = (a^2 - 2 rho a b + b^2) / (2 q),  q = 1 - rho^2.
+// For |rho| < 1/2 the expanded form is accurate (a^2 - 2 rho a b + b^2 >= (a^2 + b^2) / 2) and is kept as
+// it always was, so ordinary tokens render bit for bit as before. Nearer |rho| = 1 it cancels (~4e-2
+// weight error in float32 at rho = 0.999999), so there z = b^2/2 + d^2/(2q), d = a - rho b formed
+// without cancellation: a sum of two non-negative terms that keeps its digits.
 template <typename T>
 GPSTOKEN_HD GaussianTerms<T> gaussian_terms(T dx, T dy, const GaussianCoeffs<T>& c) {
   GaussianTerms<T> t;
   t.a = dx * c.inv_sigma_x;
   t.b = dy * c.inv_sigma_y;
-  t.d = minus_rho_times(t.a, t.b, c);
-  t.e = minus_rho_times(t.b, t.a, c);
-  t.z = T(0.5) * (t.b * t.b + t.d * t.d * c.inv_q);
+  if (c.one_minus_abs_rho > T(0.5)) {
+    t.d = t.a - c.rho * t.b;
+    t.e = t.b - c.rho * t.a;
+    t.z = (t.a * t.a - T(2) * c.rho * t.a * t.b + t.b * t.b) * (T(0.5) * c.inv_q);
+    if (t.z < T(0)) t.z = T(0);  // rounding, for a ~ b
+    t.de_over_q = t.a * t.b - T(2) * c.rho * t.z;
+  } else {
+    t.d = minus_rho_times(t.a, t.b, c);
+    t.e = minus_rho_times(t.b, t.a, c);
+    t.z = T(0.5) * (t.b * t.b + t.d * t.d * c.inv_q);
+    t.de_over_q = t.d * t.e * c.inv_q;
+  }
   t.weight = exp_t(-t.z);
   return t;
 }
@@ -165,7 +177,7 @@ GPSTOKEN_HD T gaussian_weight(int ix, int iy, const T* g, T support, int height,
 }
 
 // dG/d(sigma_x, sigma_y, rho, mu_x, mu_y) from the terms at one pixel inside the support.
-//   dz/da = d/q,  dz/db = e/q,  dz/drho = (2 rho z - a b)/q = -d e / q^2  (no cancellation either)
+//   dz/da = d/q,  dz/db = e/q,  dz/drho = (2 rho z - a b)/q = -d e / q^2  (d e / q: see gaussian_terms)
 //   da/dmu_x = -1/sigma_x,  da/dsigma_x = -a/sigma_x  (b likewise);  dG = -G dz.
 template <typename T>
 GPSTOKEN_HD void gaussian_weight_grad(const GaussianTerms<T>& t, const GaussianCoeffs<T>& c,
@@ -175,7 +187,7 @@ GPSTOKEN_HD void gaussian_weight_grad(const GaussianTerms<T>& t, const GaussianC
   const T db = w_over_q * t.e * c.inv_sigma_y;  // = dG/dmu_y
   grad[kSigmaX] = da * t.a;
   grad[kSigmaY] = db * t.b;
-  grad[kRho] = w_over_q * t.d * t.e * c.inv_q;
+  grad[kRho] = w_over_q * t.de_over_q;
   grad[kMuX] = da;
   grad[kMuY] = db;
 }

@@ -8,8 +8,9 @@ import numpy as np
 import partition_reference as reference
 import pytest
 import torch
+from generation_helpers import randomized, tiny_two_stage_parts
 
-from gpstoken import GPSTokenizer, partition
+from gpstoken import partition
 from gpstoken.checkpoint import CheckpointError
 from gpstoken.generation import GPSGenerator, SiT, preset
 from gpstoken.generation.layouts import LayoutBank, calibrate_layouts
@@ -19,22 +20,9 @@ from gpstoken_core.imageio import bundled_photo, center_crop_resize
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def _random(model: SiT, seed: int) -> SiT:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if (p == 0).all():  # adaLN-Zero: a fresh model predicts zero velocity; make it do something
-                p.normal_(0, 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def parts():
-    torch.manual_seed(0)
-    tokenizer = GPSTokenizer("tiny").eval()
-    layout = _random(SiT(preset("tiny/layout", num_classes=10, mean=(0.2, 0.2, 0.0, 0.0, 0.0), std=(0.1, 0.1, 0.01, 0.6, 0.6))), 1)
-    texture = _random(SiT(preset("tiny/texture", num_classes=10)), 2)
-    return tokenizer, layout, texture
+    return tiny_two_stage_parts()
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +104,7 @@ def test_layout_bank_and_one_stage_generators(parts, tmp_path):
     with pytest.raises(ValueError, match="no layouts for class 3"):
         gen.sample_tokens([3], seed=0, texture_steps=3)
 
-    onestage = _random(SiT(preset("tiny/onestage", num_classes=10)), 3)
+    onestage = randomized(SiT(preset("tiny/onestage", num_classes=10)), 3)
     one = GPSGenerator(onestage, tokenizer)
     images = one.sample([0], seed=0, texture_steps=3)
     assert images.shape == (1, 256, 256, 3) and images.dtype == np.uint8

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from generation_helpers import tiny_two_stage_generator
 
-from gpstoken import GPSTokenizer
 from gpstoken.cli import main as gpstoken_main
-from gpstoken.generation import GPSGenerator, SiT, preset
+from gpstoken.generation import GPSGenerator
 from gpstoken_core import generation as stages
 from gpstoken_core import sampling as core
 from gpstoken_core.manifest import ExportError
@@ -33,22 +33,9 @@ TOKENS_RTOL = TOKENS_ATOL = 2e-5
 GREY_LEVELS = 2
 
 
-def _random(model: SiT, seed: int) -> SiT:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if (p == 0).all():  # adaLN-Zero: a fresh model predicts zero velocity; make it do something
-                p.normal_(0, 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def generator() -> GPSGenerator:
-    torch.manual_seed(0)
-    tokenizer = GPSTokenizer("tiny").eval()
-    layout = _random(SiT(preset("tiny/layout", num_classes=10, mean=(0.2, 0.2, 0.0, 0.0, 0.0), std=(0.1, 0.1, 0.01, 0.6, 0.6))), 1)
-    texture = _random(SiT(preset("tiny/texture", num_classes=10)), 2)
-    return GPSGenerator(texture, tokenizer, layout)
+    return tiny_two_stage_generator()
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,7 @@ def plot_curve(rows: list[dict], path: Path) -> None:
             draw.line(pts, fill=color, width=2)
             for p in pts:
                 draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
-            draw.text((x0 + pad + 8, 30 + 14 * k), name.replace("_", "-"), fill=color)
+            draw.text((x0 + w - pad - 70, 30 + 14 * k), name.replace("_", "-"), fill=color)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     print(f"plot -> {path}")

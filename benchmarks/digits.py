@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from gpstoken_core.metrics import psnr
 from PIL import Image, ImageDraw
 
 from gpstoken import GPSTokenizer
@@ -33,7 +34,6 @@ from gpstoken.generation import digits
 from gpstoken.generation.evaluation import generate_per_class, judge_metrics
 from gpstoken.generation.models import SiT
 from gpstoken.generation.pipeline import GPSGenerator
-from gpstoken_core.metrics import psnr
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 CLASSES = list(range(digits.NUM_CLASSES))
@@ -131,8 +131,12 @@ def plot_curve(rows: list[dict], path: Path) -> None:
         x0 = panel * w
         values = [r[n][key] for r in rows for n in colors]
         lo, hi = (0.0, 1.0) if key == "accuracy" else (0.0, max(values) * 1.05 or 1.0)
-        sx = lambda s: x0 + pad + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (w - 1.5 * pad)  # noqa: E731
-        sy = lambda v: h - pad + (v - lo) / (hi - lo) * (2 * pad - h)  # noqa: E731
+        def sx(s, x0=x0):  # step -> pixel column of this panel
+            return x0 + pad + (s - steps[0]) / max(steps[-1] - steps[0], 1) * (w - 1.5 * pad)
+
+        def sy(v, lo=lo, hi=hi):  # value -> pixel row
+            return h - pad + (v - lo) / (hi - lo) * (2 * pad - h)
+
         draw.rectangle([x0 + pad, sy(hi), x0 + w - pad // 2, sy(lo)], outline="black")
         draw.text((x0 + pad, 8), title, fill="black")
         for v in np.linspace(lo, hi, 5):

@@ -252,7 +252,8 @@ def test_generate_bad_input_one_line_errors_nothing_written(trained, official_fi
         err = cli_error(capsys, "generate", "--model", folder, *args, "--out", out)
         assert message in err, f"{args}: {err}"
         assert not out.exists(), f"{args}: left {out}"
-    assert "pass --model DIR" in cli_error(capsys, "generate", "--class", 0, "--out", out)
+    # without --model the shipped digits demo (10 classes) answers: class 10 is unknown to it
+    assert "unknown class id(s) [10]" in cli_error(capsys, "generate", "--class", 10, "--out", out)
     assert "no such generator folder" in cli_error(capsys, "generate", "--model", tmp_path / "none", "--class", 0, "--out", out)
     out.mkdir()
     (out / "keep.png").write_bytes(b"x")
@@ -327,3 +328,20 @@ def test_generate_help_explains_the_pipeline(capsys):
     text = capsys.readouterr().out
     for needle in ("--class N", "--num K", "--model", "--cfg", "--sampler {sde,euler,heun}", "calibrat", "250", "pipeline/"):
         assert needle in text, f"--help lacks {needle!r}"
+
+
+def test_generate_defaults_to_the_shipped_digits_generator(tmp_path):
+    """`gpstoken generate --class 3 --num 2` works offline on a fresh install: the shipped digits demo."""
+    from PIL import Image
+
+    from gpstoken.generation import shipped_generator_folder
+
+    assert shipped_generator_folder() is not None
+    out = tmp_path / "digits"
+    proc = subprocess.run([sys.executable, "-m", "gpstoken.cli", "generate", "--class", "3", "--num", "2", "--sampler", "heun",
+                           "--steps", "8", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    images = sorted(out.glob("class3_seed0_*.png"))
+    assert len(images) == 2 and len(list((out / "pipeline").glob("*.png"))) == 2
+    pixels = np.asarray(Image.open(images[0]))
+    assert pixels.shape == (32, 32, 3) and pixels.std() > 10  # a 32x32 digit, not a flat image

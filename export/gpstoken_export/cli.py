@@ -78,22 +78,17 @@ def register(sub) -> None:
 
 
 # ----------------------------------------------------------------------------- export-generator
-def shipped_generator() -> Path:
-    """The shipped demo generator folder (gpstoken/weights/digits, a GPSGenerator folder) when it exists."""
-    import gpstoken
-
-    return Path(gpstoken.__file__).parent / "weights" / "digits"
-
-
 def _cmd_export_generator(args: argparse.Namespace) -> None:
     from gpstoken.generation import GPSGenerator
 
     from .generator_export import export_generator
 
-    folder = args.model or shipped_generator()
+    from gpstoken.generation import shipped_generator_folder
+
+    folder = args.model or shipped_generator_folder()
+    if folder is None:
+        raise ValueError("the shipped demo generator is not installed; pass --model DIR (a GPSGenerator folder)")
     if not (folder / "texture").is_dir():
-        if args.model is None:
-            raise ValueError(f"{folder}: the shipped demo generator is not installed (no texture/ folder); pass --model DIR (a GPSGenerator folder)")
         raise ValueError(f"{folder}: not a generator folder (no texture/ folder); --model takes a GPSGenerator folder (tokenizer/, texture/, optional layout/)")
     generator = GPSGenerator.from_pretrained(folder)
     out = export_generator(generator, args.out, dtype=args.dtype)

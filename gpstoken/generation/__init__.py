@@ -7,7 +7,16 @@ Names load on first use, so ``gpstoken.generation.cli`` (argument parsing) does 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .._lazy import lazy_attributes
+
+
+def shipped_generator_folder() -> Path | None:
+    """The small digits demo generator shipped in the package (tokenizer/, layout/, texture/), if installed."""
+    folder = Path(__file__).resolve().parents[1] / "weights" / "digits"
+    return folder if (folder / "texture").is_dir() else None
+
 
 _LAZY = {
     "PRESETS": ".config",

@@ -48,10 +48,14 @@ def _cmd_convert_layouts(args: argparse.Namespace) -> None:
 def _check_generate_args(args: argparse.Namespace) -> None:
     """Checks that need no model, before torch loads and before anything is written."""
     if args.model is None:
-        raise ValueError(
-            "no generator given: pass --model DIR (a folder written by GPSGenerator.save_pretrained or "
-            "`gpstoken convert-official-generator ... --tokenizer DIR`); no trained demo generator ships yet"
-        )
+        from . import shipped_generator_folder
+
+        args.model = shipped_generator_folder()
+        if args.model is None:
+            raise ValueError(
+                "no generator given and the demo generator is not installed: pass --model DIR (a folder written by "
+                "GPSGenerator.save_pretrained or `gpstoken convert-official-generator ... --tokenizer DIR`)"
+            )
     if args.class_id < 0:
         raise ValueError(f"unknown class id {args.class_id}: class ids are >= 0")
     if args.num < 1:
@@ -172,11 +176,12 @@ def register(sub) -> None:
             "Writes OUT/class{N}_seed{S}_{k}.png and OUT/pipeline/ (same names): sampled g_init, calibrated\n"
             "g_init, refined g, image. OUT must not exist (or be empty); it appears only when all is written.\n"
             "Official defaults: SDE (Euler-Maruyama, SBDM diffusion) with 250 steps, cfg 1.5 for t in [0.2, 1].\n"
-            "No trained demo generator ships yet, so --model is required."
+            "Default --model: the small digits demo generator shipped in the package (10 classes, 32x32 digits\n"
+            "upscaled from scikit-learn's load_digits; a demo, not the paper's ImageNet model)."
         ),
     )
-    gen.add_argument("--model", type=Path, help="generator folder (tokenizer/, texture/, layout/ or layout_bank.safetensors)")
-    gen.add_argument("--class", dest="class_id", type=int, required=True, metavar="N", help="class id (ImageNet: 0..999)")
+    gen.add_argument("--model", type=Path, help="generator folder (tokenizer/, texture/, layout/ or layout_bank.safetensors); default: the shipped digits demo")
+    gen.add_argument("--class", dest="class_id", type=int, required=True, metavar="N", help="class id (digits demo: 0..9; ImageNet models: 0..999)")
     gen.add_argument("--num", type=int, default=1, metavar="K", help="images to make (default 1)")
     gen.add_argument("--out", type=Path, required=True, help="output folder for the PNGs (must be new or empty)")
     gen.add_argument("--seed", type=int, default=0, help="seed of batch 0; batch j uses seed + j (default 0)")

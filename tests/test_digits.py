@@ -161,3 +161,17 @@ def test_shipped_digits_generator_draws_the_asked_class():
     assert images.shape == (40, 32, 32, 3) and images.dtype == np.uint8
     report = judge_metrics(digits.load_judge(), images, labels)
     assert report["accuracy"] >= GENERATOR_ACCURACY_FLOOR, f"judge accuracy {report['accuracy']:.3f}: {report['per_class_accuracy']}"
+
+
+def test_token_shard_sources_name_the_split():
+    """`gpstoken encode-dataset digits:test` encodes exactly the held-out split (digits: is train)."""
+    from gpstoken.generation.shards import DataError as ShardDataError
+    from gpstoken.generation.shards import labeled_images
+
+    for source, split in (("digits:", "train"), ("digits:train", "train"), ("digits:test", "test")):
+        images, labels = digits.digit_images(split)
+        found = labeled_images(source)
+        assert found.labels == labels.tolist(), source
+        assert np.array_equal(found.arrays, images), source
+    with pytest.raises(ShardDataError, match="unknown digits split"):
+        labeled_images("digits:valid")

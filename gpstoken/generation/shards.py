@@ -13,8 +13,8 @@ visible; a resumed run keeps the finished ones. Shard K belongs to process K mod
 under torchrun write disjoint shards, and a resume may use a different process count.
 
 Labels: an ImageNet-style folder tree (class = sub-folder, sorted by name), a list file of
-``path label`` lines, ``skimage:`` / ``sklearn:`` (each bundled photo its own class) or ``digits:``
-(``gpstoken.generation.digits.digit_images``).
+``path label`` lines, ``skimage:`` / ``sklearn:`` (each bundled photo its own class) or ``digits:[train|test|all]``
+(``gpstoken.generation.digits``; ``digits:`` is the training split).
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def labeled_images(source: str, num_classes: int | None = None) -> LabeledImages
 
     ``num_classes``: the class count of a list file (default: largest label + 1); a label outside
     ``[0, num_classes)`` is an error naming the line."""
-    if source == "digits:":
-        return _digits()
+    if source.startswith("digits:"):
+        return _digits(source)
     if source in ("skimage:", "sklearn:"):
         photos = SKIMAGE_PHOTOS if source == "skimage:" else SKLEARN_PHOTOS
         out = LabeledImages([f"{source}{p}" for p in photos], list(range(len(photos))), list(photos), source)
@@ -143,17 +143,18 @@ def _list_file(path: Path, num_classes: int | None) -> LabeledImages:
     return LabeledImages(names, labels, [str(c) for c in range(count)], str(path))
 
 
-def _digits() -> LabeledImages:
+def _digits(source: str) -> LabeledImages:
+    """``digits:`` (= ``digits:train``), ``digits:test``, ``digits:all``: scikit-learn's digits, upscaled."""
+    from . import digits
+
     try:
-        from . import digits  # built separately: scikit-learn's 8x8 digits, upscaled
-    except ImportError:
-        raise DataError("digits: needs gpstoken.generation.digits (digit_images), which is not installed") from None
-    images, labels = digits.digit_images()
-    images, labels = np.asarray(images), np.asarray(labels).astype(np.int64)
+        names = digits.image_names(source)
+        images, labels = digits.digit_images(digits.parse_source(source))
+    except digits.DigitsError as err:
+        raise DataError(str(err)) from None
+    labels = np.asarray(labels).astype(np.int64)
     count = int(labels.max()) + 1
-    return LabeledImages(
-        [f"digits:{i}" for i in range(len(images))], labels.tolist(), [str(c) for c in range(count)], "digits:", images
-    )
+    return LabeledImages(names, labels.tolist(), [str(c) for c in range(count)], source, np.asarray(images))
 
 
 # ----------------------------------------------------------------------------- writing

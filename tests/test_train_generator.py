@@ -4,6 +4,7 @@ overfits a tiny shard, a failing checkpoint writer loses nothing, bad settings a
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -165,3 +166,25 @@ def test_bad_settings_are_refused(shard_sets, tmp_path, caplog):
     (broken / "shard-00001-00002.safetensors").unlink()
     assert main([*common, "--stage", "layout", "--model", "tiny/layout", "--out", str(tmp_path / "b"), "--shards", str(broken)]) == 2
     assert "1 of 2 shards missing" in caplog.text and "--resume" in caplog.text
+
+
+def test_lr_tail_follows_the_cosine_and_extends_a_constant_run(shard_sets, tmp_path):
+    from training.train_generator import GeneratorTrainConfig
+
+    cfg = GeneratorTrainConfig(shards="x", lr=1e-3, lr_min=1e-4, lr_decay_after=4, steps=12)
+    expected = [1e-3] * 4 + [1e-4 + 0.9e-3 * (1 + math.cos(math.pi * k / 8)) / 2 for k in range(8)]
+    assert [cfg.lr_at(s) for s in range(12)] == pytest.approx(expected, rel=1e-12)
+    assert GeneratorTrainConfig(shards="x", lr=1e-3).lr_at(10**6) == 1e-3  # SiT: constant
+    with pytest.raises(ValueError, match="lr-decay-after"):
+        GeneratorTrainConfig(shards="x", lr_decay_after=12, steps=12)
+    # A constant-LR run of 3 steps, resumed with a tail to 6, is the run trained with that tail from the start.
+    tail = ["--steps", "6", "--lr-decay-after", "3", "--lr-min", "1e-4", "--ema-power", "0.75", "--ema-decay", "0.99"]
+    base = [a for a in RUN if a not in ("--steps", "6")]
+    common = [*base, "--shards", shard_sets / "pair"]
+    run_train([*common, "--steps", "3", "--ema-power", "0.75", "--ema-decay", "0.99", "--out", tmp_path / "a"])
+    run_train([*common, *tail, "--out", tmp_path / "a", "--resume"])
+    run_train([*common, *tail, "--out", tmp_path / "b"])
+    for part in ("model", "ema", "optimizer"):
+        assert_same(final(tmp_path / "a", part), final(tmp_path / "b", part), part)
+    logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [round(r["lr"], 12) for r in logged if "lr" in r] == [round(GeneratorTrainConfig(shards="x", lr=1e-3, lr_min=1e-4, lr_decay_after=3, steps=6).lr_at(s), 12) for s in range(6)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -54,12 +55,15 @@ class GeneratorTrainConfig:
     steps: int = field(default=400_000, metadata={"help": "total optimizer steps"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw (SiT) or adam"})
     lr: float = field(default=1e-4, metadata={"help": "learning rate (SiT 1e-4, constant)"})
+    lr_decay_after: int = field(default=0, metadata={"help": "from this step on the LR falls along a cosine to --lr-min at --steps (0: constant LR, SiT)"})
+    lr_min: float = field(default=0.0, metadata={"help": "the LR reached at --steps when --lr-decay-after is set"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (SiT 0)"})
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "Adam betas"})
     grad_clip: float = field(default=0.0, metadata={"help": "clip the gradient norm (0: off)"})
     class_dropout: float = field(default=0.1, metadata={"help": "label dropout for classifier-free guidance (SiT 0.1)"})
     cond_noise: float = field(default=0.5, metadata={"help": "texture stage: std of noise on the normalized g_init condition (paper 0.5)"})
-    ema_decay: float = field(default=0.9999, metadata={"help": "constant EMA decay (SiT 0.9999)"})
+    ema_decay: float = field(default=0.9999, metadata={"help": "EMA decay (SiT 0.9999, constant)"})
+    ema_power: float = field(default=0.0, metadata={"help": "ramp the EMA decay as 1 - (1 + step)^-power up to --ema-decay, for short runs (0: constant, SiT)"})
     seed: int = field(default=0, metadata={"help": "seed of the initialization, data order and noise"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: default)"})
     log_every: int = field(default=100, metadata={"help": "steps between scalar logs"})
@@ -80,6 +84,22 @@ class GeneratorTrainConfig:
             raise ValueError(f"--optimizer must be adamw or adam, got {self.optimizer!r}")
         self.model = self.model or DEFAULT_MODEL[self.stage]
         require_positive(self, "batch", "steps", "ckpt_every", "log_every")
+        if not 0 <= self.lr_decay_after < self.steps:
+            raise ValueError(f"--lr-decay-after must be in [0, --steps), got {self.lr_decay_after}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ValueError(f"--lr-min must be in [0, --lr], got {self.lr_min}")
+        if self.ema_power < 0:
+            raise ValueError(f"--ema-power must be >= 0, got {self.ema_power}")
+
+    def lr_at(self, step: int) -> float:
+        """The LR of optimizer step ``step`` (0-based): constant, then a cosine tail when lr_decay_after > 0.
+
+        Steps before lr_decay_after see exactly --lr, so a constant-LR run resumed with a tail added (and a
+        larger --steps) continues the run it was."""
+        if not self.lr_decay_after or step < self.lr_decay_after:
+            return self.lr
+        frac = (step - self.lr_decay_after) / (self.steps - self.lr_decay_after)
+        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +159,7 @@ def train(cfg: GeneratorTrainConfig, ddp: distributed.Distributed) -> int:
     model.y_embedder.dropout = 0.0  # label dropout is drawn per sample in sample_noise (split-independent)
     if mc.cond_channels and mc.cond_mode == "input":
         model.pos_embed.requires_grad_(False)  # unused: the layout takes its place (official); DDP wants every grad
-    ema = EMA(model, cfg.ema_decay, power=None, update_after_step=-1)  # SiT: constant decay from step 0
+    ema = EMA(model, cfg.ema_decay, power=cfg.ema_power or None, update_after_step=-1)  # SiT: constant from step 0
     opt_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_class(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     modules, optimizers = {"model": model, "ema": ema.model}, {"optimizer": opt}  # names = checkpoint files
@@ -173,7 +193,9 @@ def train(cfg: GeneratorTrainConfig, ddp: distributed.Distributed) -> int:
         loss = velocity_loss(ddp_model, model.normalize(x.to(device)), y, cond, t=rnd["t"].to(device), noise=rnd["noise"].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        stats = {"loss": loss.item()}
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        stats = {"loss": loss.item(), "lr": cfg.lr_at(step)}
         if cfg.grad_clip > 0:
             stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         opt.step()

@@ -162,6 +162,21 @@ def tiny_onestage() -> SiTConfig:
     return SiTConfig(name="tiny/onestage", role="onestage", hidden=64, depth=2, heads=4, cond_channels=0)
 
 
+def digits_layout() -> SiTConfig:
+    """The shipped digits demo's layout model (hidden 128, depth 4, 4 heads; about 1.2M parameters)."""
+    return SiTConfig(name="digits/layout", role="layout", in_channels=5, hidden=128, depth=4, heads=4, cond_channels=0)
+
+
+def digits_texture() -> SiTConfig:
+    """The shipped digits demo's texture model (same size as its layout model)."""
+    return SiTConfig(name="digits/texture", role="texture", hidden=128, depth=4, heads=4)
+
+
+def digits_onestage() -> SiTConfig:
+    """The digits one-stage baseline, the texture model's size (benchmarks/digits.py)."""
+    return SiTConfig(name="digits/onestage", role="onestage", hidden=128, depth=4, heads=4, cond_channels=0)
+
+
 PRESETS = {
     "SiT-XL/2-gs": sit_xl_gs,
     "SiT-S/layout": sit_s_layout,
@@ -169,6 +184,9 @@ PRESETS = {
     "tiny/layout": tiny_layout,
     "tiny/texture": tiny_texture,
     "tiny/onestage": tiny_onestage,
+    "digits/layout": digits_layout,
+    "digits/texture": digits_texture,
+    "digits/onestage": digits_onestage,
 }
 
 

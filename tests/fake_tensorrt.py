@@ -9,6 +9,7 @@ of running them, as CUDA does, and graph launches replay them.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import enum
 import types
@@ -36,6 +37,7 @@ class cudaError_t(enum.IntEnum):
 class cudaMemcpyKind(enum.IntEnum):
     cudaMemcpyHostToDevice = 1
     cudaMemcpyDeviceToHost = 2
+    cudaMemcpyDeviceToDevice = 3
 
 
 class cudaStreamCaptureMode(enum.IntEnum):
@@ -64,6 +66,10 @@ class CudaState:
         self.executions = 0
         self.graphs_destroyed = 0
         self.execs_destroyed = 0
+        self.copies: collections.Counter = collections.Counter()  # by cudaMemcpyKind name
+        self.kernels: collections.Counter = collections.Counter()  # NVRTC kernels launched, by name
+        self.contexts = 0  # execution contexts created
+        self.device_calls: list[int] = []  # cudaSetDevice arguments, in order
 
 
 def make_cudart(state: CudaState) -> types.ModuleType:
@@ -77,7 +83,7 @@ def make_cudart(state: CudaState) -> types.ModuleType:
         return ok, ctypes.addressof(buf)
 
     def free(ptr):
-        state.buffers.pop(int(ptr), None)
+        state.buffers.pop(int(ptr), None)  # cudaFree(0) (context set-up) frees nothing
         return (ok,)
 
     def stream_of(handle) -> FakeStream:
@@ -89,10 +95,22 @@ def make_cudart(state: CudaState) -> types.ModuleType:
         return ok, s
 
     def memcpy(dst, src, count, kind, stream):
-        assert kind in (cudaMemcpyKind.cudaMemcpyHostToDevice, cudaMemcpyKind.cudaMemcpyDeviceToHost)
+        assert isinstance(kind, cudaMemcpyKind)
         assert stream_of(stream).capturing is None, "copies are not captured by the backend"
+        state.copies[kind.name] += 1
         ctypes.memmove(int(dst), int(src), int(count))
         return (ok,)
+
+    def memcpy_sync(dst, src, count, kind):
+        assert isinstance(kind, cudaMemcpyKind)
+        assert all(s.capturing is None for s in state.streams.values()), "a synchronous copy during capture"
+        state.copies[kind.name] += 1
+        ctypes.memmove(int(dst), int(src), int(count))
+        return (ok,)
+
+    def set_device(device):
+        state.device_calls.append(device)
+        return (ok,) if device == 0 else (cudaError_t.cudaErrorInvalidValue,)
 
     def begin_capture(stream, mode):
         assert isinstance(mode, cudaStreamCaptureMode)
@@ -119,8 +137,9 @@ def make_cudart(state: CudaState) -> types.ModuleType:
     rt.cudaFree = rt.cudaFreeHost = free
     rt.cudaStreamCreate = create_stream
     rt.cudaMemcpyAsync = memcpy
+    rt.cudaMemcpy = memcpy_sync
     rt.cudaStreamSynchronize = lambda stream: (ok,)
-    rt.cudaSetDevice = lambda device: (ok,) if device == 0 else (cudaError_t.cudaErrorInvalidValue,)
+    rt.cudaSetDevice = set_device
     rt.cudaGetDeviceProperties = lambda device: (ok, props)
     rt.cudaStreamBeginCapture = begin_capture
     rt.cudaStreamEndCapture = end_capture
@@ -144,6 +163,73 @@ def make_cudart(state: CudaState) -> types.ModuleType:
     return rt
 
 
+# ---------------------------------------------------------------- cuda.bindings.nvrtc / .driver
+# What the runtime's NVRTC kernels (gpstoken_runtime.backends.cuda_arrays) compute, by kernel name: the
+# parameter types in order and the effect on host-backed "device" memory. Their CUDA source is compiled
+# by nvcc in tests/test_runtime_generation_tensorrt.py; here they only need to do what they promise.
+def _view(ptr, n, dtype):
+    raw = (ctypes.c_byte * (n * np.dtype(dtype).itemsize)).from_address(int(ptr))
+    return np.frombuffer(raw, dtype=dtype, count=n)
+
+
+def _axpby(out, x, a, y, b, n):
+    result = np.float32(a) * _view(x, n, np.float32)
+    if y:
+        result = result + np.float32(b) * _view(y, n, np.float32)
+    _view(out, n, np.float32)[:] = result
+
+
+KERNEL_EFFECTS = {
+    "gps_axpby": (("p", "p", "f", "p", "f", "q"), _axpby),
+    "gps_div": (("p", "p", "f", "q"), lambda out, x, d, n: _view(out, n, np.float32).__setitem__(slice(None), _view(x, n, np.float32) / np.float32(d))),
+    "gps_fill": (("p", "f", "q"), lambda out, value, n: _view(out, n, np.float32).__setitem__(slice(None), value)),
+    "gps_f32_to_f16": (("p", "p", "q"), lambda out, x, n: _view(out, n, np.float16).__setitem__(slice(None), _view(x, n, np.float32))),
+    "gps_f16_to_f32": (("p", "p", "q"), lambda out, x, n: _view(out, n, np.float32).__setitem__(slice(None), _view(x, n, np.float16))),
+}
+_CTYPES = {"p": ctypes.c_uint64, "f": ctypes.c_float, "q": ctypes.c_int64}
+
+
+def make_nvrtc_driver(state: CudaState) -> tuple[types.ModuleType, types.ModuleType]:
+    nvrtc = types.ModuleType("cuda.bindings.nvrtc")
+    driver = types.ModuleType("cuda.bindings.driver")
+    ok = cudaError_t.cudaSuccess
+    programs = {}
+
+    def create(src, name, n_headers, headers, include_names):
+        programs[len(programs) + 1] = src
+        return ok, len(programs)
+
+    def compile_(program, n_options, options):
+        assert any(o.startswith(b"--gpu-architecture=sm_") for o in options)
+        return (ok,)
+
+    nvrtc.nvrtcCreateProgram = create
+    nvrtc.nvrtcCompileProgram = compile_
+    nvrtc.nvrtcGetCUBINSize = lambda program: (ok, len(programs[program]))
+    nvrtc.nvrtcGetCUBIN = lambda program, buf: (ok,)
+    nvrtc.nvrtcDestroyProgram = lambda program: (ok,)
+    nvrtc.nvrtcGetProgramLogSize = lambda program: (ok, 1)
+    nvrtc.nvrtcGetProgramLog = lambda program, buf: (ok,)
+
+    driver.cuInit = lambda flags: (ok,)
+    driver.CUstream = lambda handle: int(handle)
+    driver.cuModuleLoadData = lambda image: (ok, "module")
+    driver.cuModuleUnload = lambda module: (ok,)
+    driver.cuModuleGetFunction = lambda module, name: (ok, name.decode())
+
+    def launch(function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        assert state.streams[int(stream)].capturing is None, "sampler kernels are not captured"
+        kinds, effect = KERNEL_EFFECTS[function]
+        pointers = _view(params, len(kinds), np.uint64)
+        args = [_CTYPES[k].from_address(int(p)).value for k, p in zip(kinds, pointers)]
+        state.kernels[function] += 1
+        effect(*args)
+        return (ok,)
+
+    driver.cuLaunchKernel = launch
+    return nvrtc, driver
+
+
 # ---------------------------------------------------------------- tensorrt
 class TensorIOMode(enum.Enum):
     INPUT = 1
@@ -153,6 +239,7 @@ class TensorIOMode(enum.Enum):
 class DataType(enum.Enum):
     FLOAT = np.float32
     HALF = np.float16
+    INT64 = np.int64
 
 
 class Logger:
@@ -193,13 +280,14 @@ class FakeEngine:
 
     def get_tensor_dtype(self, name):
         kind = self.inputs[name].type if name in self.inputs else next(o.type for o in self.session.get_outputs() if o.name == name)
-        return DataType.HALF if "float16" in kind else DataType.FLOAT
+        return DataType.HALF if "float16" in kind else DataType.INT64 if "int64" in kind else DataType.FLOAT
 
     def get_tensor_profile_shape(self, name, profile_index):
         assert profile_index == 0
         return self.profile[name]
 
     def create_execution_context(self):
+        self.cudart._state.contexts += 1
         return FakeContext(self)
 
 
@@ -286,7 +374,10 @@ def install(monkeypatch) -> CudaState:
     cuda = types.ModuleType("cuda")
     bindings = types.ModuleType("cuda.bindings")
     bindings.runtime = _CUDART
+    bindings.nvrtc, bindings.driver = make_nvrtc_driver(state)
     cuda.bindings = bindings
-    for name, module in {"tensorrt": trt, "cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.runtime": _CUDART}.items():
+    modules = {"tensorrt": trt, "cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.runtime": _CUDART,
+               "cuda.bindings.nvrtc": bindings.nvrtc, "cuda.bindings.driver": bindings.driver}
+    for name, module in modules.items():
         monkeypatch.setitem(__import__("sys").modules, name, module)
     return state

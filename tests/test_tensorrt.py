@@ -251,7 +251,7 @@ def test_tensorrt_backend_errors_name_what_is_missing(exported, tmp_path, capsys
     backend = object.__new__(TensorRTBackend)  # the checks need only the engine's recorded profile and dtypes
     backend.dtypes = {"g": np.float16}
     backend.profile = {"g": ((1, 1, 5), (1, 128, 5), (8, 256, 5))}
-    assert backend._check_feed("g", np.zeros((8, 256, 5), np.float16)).shape == (8, 256, 5)
+    backend._check_feed("g", np.zeros((8, 256, 5), np.float16))  # the largest shape of the profile passes
     with pytest.raises(ValueError, match=r"shape \(9, 128, 5\) is outside .*min \(1, 1, 5\), max \(8, 256, 5\).*--max-batch"):
         backend._check_feed("g", np.zeros((9, 128, 5), np.float16))
     with pytest.raises(ValueError, match="outside"):
@@ -317,7 +317,7 @@ def test_tensorrt_backend_data_path_with_stand_in_tensorrt(exported, photos, tmp
     reconstructions equal the ONNX Runtime backend's. (TensorRT itself is not exercised.)"""
     import fake_tensorrt
     from gpstoken_runtime import Tokenizer
-    from gpstoken_runtime.backends.tensorrt import EngineMismatch
+    from gpstoken_runtime.backends.tensorrt import EngineMismatch, TensorRTBackend
 
     state = fake_tensorrt.install(monkeypatch)
     folder = tmp_path / "engines"
@@ -338,11 +338,20 @@ def test_tensorrt_backend_data_path_with_stand_in_tensorrt(exported, photos, tmp
     assert np.abs(plain.reconstruct(photos).astype(int) - reference).max() <= 1
     assert state.graph_launches == 0 and state.executions == 2  # one encoder tile batch, one decoder run
 
+    calls = len(state.device_calls)
+    plain.reconstruct(photos)
+    assert len(state.device_calls) >= calls + 2  # the device is set on every run (threads, several GPUs)
+
+    state.executions = 0
+    contexts = state.contexts
     graphs = Tokenizer.load(folder, backend="tensorrt", plugin_library=plugin, cuda_graph=True)
-    for batch in (photos, photos, photos[:1], photos):
+    for batch in (photos, photos, photos[:1], photos, photos[:1]):
         assert np.abs(graphs.reconstruct(batch).astype(int) - reference[: len(batch)]).max() <= 1
-    # new shapes are captured once per graph (batch 2, then batch 1), everything else replays
-    assert state.captures == 4 and state.graph_launches == 8
+    # Per graph (encoder, decoder) and shape: the first call runs plainly, the second captures and replays,
+    # later ones replay; every call runs the network once. One execution context per shape and graph.
+    assert state.executions == 5 * 2
+    assert state.captures == 2 * 2 and state.graph_launches == 3 * 2
+    assert state.contexts - contexts == 2 * 2
     assert state.graphs_destroyed == 4  # captured graphs are freed once instantiated
     streams = len(state.streams)
     del graphs
@@ -350,6 +359,15 @@ def test_tensorrt_backend_data_path_with_stand_in_tensorrt(exported, photos, tmp
 
     gc.collect()
     assert state.execs_destroyed == 4 and len(state.streams) == streams - 2  # 2 shapes x 2 graphs; 2 streams
+
+    # A failing capture leaves the stream out of capture mode and says so.
+    backend = TensorRTBackend(folder / "decoder.engine", plugin_library=plugin, cuda_graph=True)
+    feeds = {name: np.zeros(backend.profile[name][1], dtype=backend.dtypes[name]) for name in backend.input_names}
+    backend.run(feeds)  # plain first run
+    monkeypatch.setattr(fake_tensorrt.FakeContext, "execute_async_v3", lambda self, stream: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        backend.run(feeds)
+    assert all(s.capturing is None for s in state.streams.values())
 
     with pytest.raises(ValueError, match="outside the engine's optimization profile.*--max-batch"):
         plain.reconstruct(np.concatenate([photos, photos[:1]]))  # batch 3 > the profile's 2

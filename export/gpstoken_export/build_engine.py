@@ -1,8 +1,11 @@
 """Build TensorRT engines for an export folder: one ``NAME.engine`` per ONNX graph (``encoder.engine``,
-``decoder.engine``, and one per further decoder graph), next to the ONNX files.
+``decoder.engine``, and one per further decoder graph), next to the ONNX files. For a generator export
+(``gpstoken export-generator``) the velocity graphs (``texture.engine``, ``layout.engine``) and the engines
+of the tokenizer export it carries.
 
     python -m gpstoken_export.build_engine EXPORT_DIR [--plugin libgpstoken_trt.so] [--max-batch 8]
     gpstoken export --model DIR --out EXPORT_DIR --tensorrt
+    gpstoken export-generator --out EXPORT_DIR --tensorrt
 
 Needs an NVIDIA GPU, the ``tensorrt`` Python package (TensorRT 11) and the plugin library built with
 CMake (``-DGPSTOKEN_CUDA=ON -DTensorRT_ROOT=...``). The decoder's model-local GaussianSplat function is
@@ -21,7 +24,15 @@ import sys
 from pathlib import Path
 
 from gpstoken_core.files import atomic_write_bytes
-from gpstoken_core.manifest import ENCODER, read_manifest, tensorrt_section, write_manifest
+from gpstoken_core.manifest import (
+    ENCODER,
+    GENERATOR,
+    ExportError,
+    read_generator_manifest,
+    read_manifest,
+    tensorrt_section,
+    write_manifest,
+)
 from gpstoken_core.tensorrt import (
     PLUGIN_ENV,
     PLUGIN_LIBRARY,
@@ -73,6 +84,29 @@ def optimization_profiles(manifest: dict, max_batch: int = 8, opt_batch: int = 1
     return profiles
 
 
+def read_any_manifest(folder: Path) -> dict:
+    """The checked manifest of a tokenizer export or of a generator export."""
+    try:
+        return read_manifest(folder)
+    except ExportError as err:
+        if f"field '{GENERATOR}' is present" not in str(err):
+            raise
+    return read_generator_manifest(folder)[0]
+
+
+def generator_profiles(manifest: dict, max_batch: int = 8, opt_batch: int = 1) -> dict:
+    """{graph: {input: (min, opt, max)}} of a generator export's velocity graphs. The runtime doubles the
+    batch for classifier-free guidance (conditional and unconditional rows in one call), so a sampler of
+    up to ``max_batch`` images feeds up to 2 x max_batch rows; TensorRT tunes for 2 x opt_batch."""
+    if not 1 <= opt_batch <= max_batch:
+        raise ValueError(f"need 1 <= opt_batch <= max_batch, got opt_batch={opt_batch}, max_batch={max_batch}")
+    dims = ({"batch": 1}, {"batch": 2 * opt_batch}, {"batch": 2 * max_batch})
+    return {
+        graph: {name: tuple(_resolve(io["shape"], d) for d in dims) for name, io in entry["inputs"].items()}
+        for graph, entry in manifest["files"].items()
+    }
+
+
 def onnx_for_tensorrt(path: Path):
     """The ONNX model as TensorRT must parse it: the splat function dropped, the bare node kept."""
     import onnx
@@ -90,15 +124,22 @@ def onnx_for_tensorrt(path: Path):
 
 def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batch: int = 8, opt_batch: int = 1,
                   max_tokens: int | None = None, workspace_gib: float = 4.0, verbose: bool = False) -> Path:
-    """Build one engine per graph of ``folder`` (``NAME.engine``) and record them in its manifest."""
+    """Build one engine per graph of ``folder`` (``NAME.engine``) and record them in its manifest; for a
+    generator export also the engines of its tokenizer folder."""
     folder = Path(folder)
-    manifest = read_manifest(folder)
-    profiles = optimization_profiles(manifest, max_batch, opt_batch, max_tokens)
+    manifest = read_any_manifest(folder)
+    generator = GENERATOR in manifest
+    if generator:
+        profiles = generator_profiles(manifest, max_batch, opt_batch)
+    else:
+        profiles = optimization_profiles(manifest, max_batch, opt_batch, max_tokens)
     plugin_path = find_plugin_library(plugin)
     trt = import_tensorrt()
     gpu_name, capability = gpu_properties()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     load_plugin(trt, plugin_path)  # once per process: TensorRT refuses a second registration
+    if generator:
+        build_engines(folder / manifest["tokenizer"], plugin_path, max_batch, opt_batch, max_tokens, workspace_gib, verbose)
     cache_path = folder / "timing.cache"
     engines = {}
     for graph in manifest["files"]:
@@ -134,9 +175,10 @@ def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batc
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", type=Path, help="a `gpstoken export` folder")
+    parser.add_argument("folder", type=Path, help="a `gpstoken export` or `gpstoken export-generator` folder")
     parser.add_argument("--plugin", type=Path, help=f"{PLUGIN_LIBRARY} (default: ${PLUGIN_ENV} or the installed one)")
-    parser.add_argument("--max-batch", type=int, default=8, help="largest batch the engines accept (default 8)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="largest batch the engines accept (default 8; velocity engines take twice that for CFG)")
     parser.add_argument("--opt-batch", type=int, default=1, help="batch TensorRT tunes for (default 1)")
     parser.add_argument("--max-tokens", type=int, help="largest token count per tile (default 2x the export's)")
     parser.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace (default 4 GiB)")
@@ -144,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = build_engines(args.folder, args.plugin, args.max_batch, args.opt_batch, args.max_tokens, args.workspace_gib, args.verbose)
-    except (TensorRTUnavailable, ValueError, RuntimeError) as err:
+    except (TensorRTUnavailable, ExportError, ValueError, RuntimeError) as err:
         print(f"build_engine: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote the engines to {out}/ (one NAME.engine per graph); manifest.json has the tensorrt section")

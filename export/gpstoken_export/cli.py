@@ -36,15 +36,19 @@ def _cmd_export(args: argparse.Namespace) -> None:
             raise ValueError(f"parity check failed: {out} does not reproduce the torch model within tolerance")
         print("parity PASSED (torch vs ONNX Runtime: encoder, decoders, end to end)")
     if args.tensorrt:
-        from gpstoken_core.tensorrt import TensorRTUnavailable
+        _build_tensorrt(out, args)
 
-        from .build_engine import build_engines
 
-        try:
-            build_engines(out, args.plugin, max_batch=args.max_batch, max_tokens=args.max_tokens)
-        except TensorRTUnavailable as err:
-            raise ValueError(f"the ONNX export in {out}/ is complete, but no TensorRT engines were built: {err}") from None
-        print(f"TensorRT engines: {out}/*.engine, one per graph (manifest.json has the tensorrt section)")
+def _build_tensorrt(out: Path, args: argparse.Namespace) -> None:
+    from gpstoken_core.tensorrt import TensorRTUnavailable
+
+    from .build_engine import build_engines
+
+    try:
+        build_engines(out, args.plugin, max_batch=args.max_batch, max_tokens=getattr(args, "max_tokens", None))
+    except TensorRTUnavailable as err:
+        raise ValueError(f"the ONNX export in {out}/ is complete, but no TensorRT engines were built: {err}") from None
+    print(f"TensorRT engines: {out}/*.engine, one per graph (manifest.json has the tensorrt section)")
 
 
 def register(sub) -> None:
@@ -103,6 +107,8 @@ def _cmd_export_generator(args: argparse.Namespace) -> None:
         if not check_generator_export(out, generator):
             raise ValueError(f"parity check failed: {out} does not reproduce the torch generator within tolerance")
         print("parity PASSED (torch vs ONNX Runtime: velocity graphs at batch 1 and 3, sampled tokens)")
+    if args.tensorrt:
+        _build_tensorrt(out, args)  # velocity engines and the tokenizer export's engines
 
 
 def register_generator(sub) -> None:
@@ -121,5 +127,10 @@ def register_generator(sub) -> None:
     exp.add_argument("--out", required=True, type=Path, help="output folder (must not exist or be empty)")
     exp.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="graph precision (default float32)")
     exp.add_argument("--check", action="store_true", help="then compare torch and ONNX Runtime with polygraphy (fails above tolerance)")
-    # TensorRT engines for the velocity graphs are not built yet (issue 17's TensorRT path is open)
+    exp.add_argument("--tensorrt", action="store_true",
+                     help="then build TensorRT engines for the velocity graphs and the tokenizer export (needs a GPU, "
+                          "tensorrt, cuda-bindings and the plugin); run them with `gpstoken-runtime generate --backend tensorrt`")
+    exp.add_argument("--plugin", type=Path, help="libgpstoken_trt.so for --tensorrt (default: $GPSTOKEN_TRT_PLUGIN or the installed one)")
+    exp.add_argument("--max-batch", type=positive_int, default=8,
+                     help="most images per sampling call the engines accept (default 8; velocity engines take 2x rows for CFG)")
     exp.set_defaults(run=_cmd_export_generator)

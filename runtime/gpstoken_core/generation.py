@@ -90,7 +90,7 @@ def guided_velocity(network: Network, y: Array, cond: Array | None, cfg_scale: f
     ops = sampling.ops_for(y)
 
     def rows_time(x: Array, t: Array) -> Array:
-        return sampling.ops_for(x).full_like(x[:, 0, 0], float(t))
+        return sampling.ops_for(x).rows(x, float(t))
 
     if cfg_scale == 1.0:
         return lambda x, t: network(x, rows_time(x, t), y, cond)
@@ -120,13 +120,20 @@ def sample_layout(velocity, z: Array, steps: int, sampler: str = "heun", cfg_sca
 
 
 def sample_texture(velocity, z: Array, rng, steps: int, sampler: str = "sde", cfg_scale: float = 1.0,
-                   progress: Progress | None = None) -> Array:
+                   progress: Progress | None = None, move_noise: Callable[[Array], Array] | None = None) -> Array:
     """The texture (or one-stage) sampler from noise z (B, L, C); the SDE draws its per-step noise from
-    ``rng`` for 2B rows (protocol 3). Returns the conditional rows (B, L, C) in model space."""
+    ``rng`` for 2B rows (protocol 3). Returns the conditional rows (B, L, C) in model space.
+
+    ``move_noise``: draw the SDE's noise for all steps at once and move it with this function (a device
+    upload) instead of step by step; the numbers are the same."""
     b = z.shape[0]
     x = _doubled(z, cfg_scale)
     if sampler == "sde":
-        x = sampling.sample_sde(velocity, x, sampling.pcg64_draw(rng, rows=2 * b), steps=steps, progress=progress)
+        if move_noise is None:
+            draw = sampling.pcg64_draw(rng, rows=2 * b)
+        else:
+            draw = sampling.pcg64_predrawn(rng, 2 * b, steps - 1, move_noise)
+        x = sampling.sample_sde(velocity, x, draw, steps=steps, progress=progress)
     else:
         x = sampling.sample_ode(velocity, x, steps, method=sampler, progress=progress)
     return x[:b]

@@ -29,7 +29,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-Array = Any  # numpy.ndarray or torch.Tensor
+Array = Any  # numpy.ndarray, torch.Tensor, or an array that names its namespace (gpstoken_ops())
 Velocity = Callable[[Array, Array], Array]
 Draw = Callable[[tuple], Array]
 Progress = Callable[[], None]  # called once after each integration step (e.g. a progress bar's update)
@@ -75,6 +75,10 @@ class NumpyOps:
     def full_like(self, a: Array, value) -> Array:
         return self.np.full_like(a, value)
 
+    def rows(self, like: Array, value: float) -> Array:
+        """(B,) of ``value`` in ``like``'s dtype, B = like's rows (a model's per-row time)."""
+        return self.np.full((like.shape[0],), value, dtype=like.dtype)
+
     def constant(self, values, like: Array) -> Array:
         """A float array of ``values`` in ``like``'s namespace, dtype (and device)."""
         return self.np.asarray(values, dtype=like.dtype)
@@ -108,6 +112,9 @@ class TorchOps:
     def full_like(self, a: Array, value) -> Array:
         return self.torch.full_like(a, value)
 
+    def rows(self, like: Array, value: float) -> Array:
+        return self.torch.full((like.shape[0],), value, dtype=like.dtype, device=like.device)
+
     def constant(self, values, like: Array) -> Array:
         return self.torch.as_tensor(values, dtype=like.dtype, device=like.device)
 
@@ -116,7 +123,11 @@ _OPS: dict[str, Any] = {}
 
 
 def ops_for(x: Array):
-    """The namespace adapter of ``x`` (torch tensors -> TorchOps, anything else -> NumpyOps)."""
+    """The namespace adapter of ``x``: its own (an array with a ``gpstoken_ops()`` method, e.g. the runtime's
+    device arrays), TorchOps for torch tensors, NumpyOps for anything else."""
+    own = getattr(x, "gpstoken_ops", None)
+    if own is not None:
+        return own()
     kind = "torch" if type(x).__module__.split(".")[0] == "torch" else "numpy"
     if kind not in _OPS:
         _OPS[kind] = TorchOps() if kind == "torch" else NumpyOps()
@@ -329,5 +340,25 @@ def pcg64_draw(rng, rows: int | None = None) -> Draw:
         if rows < shape[0]:
             raise ValueError(f"noise protocol drawn for {rows} rows, asked for {shape[0]}")
         return normal_float32(rng, (rows, *shape[1:]))[: shape[0]]
+
+    return draw
+
+
+def pcg64_predrawn(rng, rows: int, draws: int, move: Callable[[Array], Array] = lambda a: a) -> Draw:
+    """``pcg64_draw(rng, rows)`` for exactly ``draws`` calls, drawn as one block at the first call and moved
+    once by ``move`` (e.g. to a GPU), so a sampler on a device does not copy noise from the host per step.
+    The numbers are the same: the generator fills an array in order, as successive calls would."""
+    state = {"block": None, "k": 0}
+
+    def draw(shape: tuple) -> Array:
+        if rows < shape[0]:
+            raise ValueError(f"noise protocol drawn for {rows} rows, asked for {shape[0]}")
+        if state["block"] is None:
+            state["block"] = move(normal_float32(rng, (draws, rows, *shape[1:])))
+        k = state["k"]
+        if k >= draws:
+            raise ValueError(f"noise block of {draws} draws is used up")
+        state["k"] = k + 1
+        return state["block"][k : k + 1].reshape((rows, *shape[1:]))[: shape[0]]
 
     return draw

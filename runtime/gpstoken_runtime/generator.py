@@ -5,12 +5,19 @@ the folder carries. No torch: the same seed gives the torch pipeline's tokens (`
     from gpstoken_runtime import Generator
     gen = Generator.load("generator_export")                 # backend="onnxruntime" | "tensorrt"
     images = gen.sample([3, 7], seed=0, steps=50)            # (2, H, W, 3) uint8
+
+On TensorRT the sampler state lives on the GPU for a whole stage (``backends.cuda_arrays``): the engines
+read and write device arrays, the step updates are element-wise kernels on the same stream, the SDE noise
+is uploaded once per generation, and each step shape replays one CUDA graph. The state comes to the host
+once per stage (the layout for calibration, the tokens for decoding).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import warnings
 
 import numpy as np
 
@@ -46,6 +53,8 @@ class Generator:
         self._input_dtypes = {
             name: {k: np.dtype(io["dtype"]) for k, io in manifest["files"][name]["inputs"].items()} for name in graphs
         }
+        self._device = None  # cuda_arrays.DeviceContext once device-resident sampling started; False: unavailable
+        self._uploads: dict[int, tuple] = {}  # id(host array) -> (host array, device copy), per generation
 
     @property
     def two_stage(self) -> bool:
@@ -57,8 +66,11 @@ class Generator:
         """Load a generator export (velocity graphs on ``backend``) and the tokenizer export it carries."""
         folder = Path(folder)
         manifest, tok_folder = read_generator_manifest(folder)
+        tok_options = dict(backend_options)
+        if backend == "tensorrt":
+            backend_options.setdefault("cuda_graph", True)  # a velocity graph runs at one shape per stage
         graphs = load_graphs(folder, manifest, backend, device, threads, **backend_options)
-        tokenizer = Tokenizer.load(tok_folder, backend=backend, device=device, threads=threads, **backend_options)
+        tokenizer = Tokenizer.load(tok_folder, backend=backend, device=device, threads=threads, **tok_options)
         bank = None
         if "layout_bank" in manifest["generator"]:
             path = folder / manifest["generator"]["layout_bank"]["path"]
@@ -84,6 +96,40 @@ class Generator:
 
         return run
 
+    def device_context(self):
+        """The GPU context of device-resident sampling, or None (ONNX Runtime, or no NVRTC: host sampling)."""
+        if self._device is None:
+            graph = self.graphs[TEXTURE]
+            self._device = False
+            if hasattr(graph, "run_device"):
+                from .backends.cuda_arrays import DeviceContext, DeviceUnavailable
+
+                try:
+                    self._device = DeviceContext(graph.device)
+                except DeviceUnavailable as err:
+                    warnings.warn(f"sampling with host round trips per step: {err}", stacklevel=2)
+        return self._device or None
+
+    def _on_device(self, array: np.ndarray, dtype):
+        """A device copy of a host array that stays the same during a generation (labels, layouts)."""
+        hit = self._uploads.get(id(array))
+        if hit is None or hit[0] is not array:
+            hit = self._uploads[id(array)] = (array, self._device.upload(np.asarray(array, dtype=dtype)))
+        return hit[1]
+
+    def device_network(self, name: str):
+        """network(x, t, y, cond) of graph ``name`` on device arrays: x and t are device arrays (float32),
+        y and cond host arrays uploaded once; returns the float32 velocity on the device."""
+        graph, types, ctx = self.graphs[name], self._input_dtypes[name], self._device
+
+        def run(x, t, y, cond=None):
+            feeds = {"x": x.astype(types["x"]), "t": t.astype(types["t"]), "y": self._on_device(y, types["y"])}
+            if cond is not None and "cond" in types:
+                feeds["cond"] = self._on_device(cond, types["cond"])
+            return graph.run_device(feeds, ctx)[0].astype(np.float32)
+
+        return run
+
     # ----------------------------------------------------------------- sampling
     def _layouts(self, y: np.ndarray, rng, steps: int, sampler: str, cfg_scale: float, calibrate: bool):
         if LAYOUT not in self.graphs:
@@ -92,9 +138,9 @@ class Generator:
             g = np.stack(stages.pick_layouts(self.bank, y, rng)).astype(np.float32)
             return g, g
         stats = self.section["stats"][LAYOUT]
-        z = stages.start_noise(rng, len(y), self.num_tokens, stages.LAYOUT_CHANNELS, np.zeros((), np.float32))
-        velocity = stages.guided_velocity(self.network(LAYOUT), y, None, cfg_scale, (0.0, 1.0), self.null_class)
-        x = stages.sample_layout(velocity, z, steps, sampler, cfg_scale)
+        z = stages.start_noise(rng, len(y), self.num_tokens, stages.LAYOUT_CHANNELS, self._like())
+        velocity = stages.guided_velocity(self._network(LAYOUT), y, None, cfg_scale, (0.0, 1.0), self.null_class)
+        x = _host(stages.sample_layout(velocity, z, steps, sampler, cfg_scale))
         g = stages.denormalize(x, stats["mean"], stats["std"])
         return g, (stages.calibrate_batch(g, self.tile, self.s_min) if calibrate else g)
 
@@ -115,14 +161,17 @@ class Generator:
         y = stages.check_labels(labels, self.num_classes)
         b = len(y)
         rng = core.pcg64(seed)
+        self._uploads.clear()
         sampled = cond = None
         if self.two_stage:
             sampled, cond = self._layouts(y, rng, layout_steps, layout_sampler, layout_cfg_scale, True)
         stats = self.section["stats"][TEXTURE]
         channels = self.section["channels"][TEXTURE]
-        z = stages.start_noise(rng, b, self.num_tokens, channels, np.zeros((), np.float32))
-        velocity = stages.guided_velocity(self.network(TEXTURE), y, cond, cfg_scale, guidance, self.null_class)
-        x = stages.sample_texture(velocity, z, rng, steps, sampler, cfg_scale)
+        z = stages.start_noise(rng, b, self.num_tokens, channels, self._like())
+        velocity = stages.guided_velocity(self._network(TEXTURE), y, cond, cfg_scale, guidance, self.null_class)
+        move = None if self.device_context() is None else self._device.upload
+        x = _host(stages.sample_texture(velocity, z, rng, steps, sampler, cfg_scale, move_noise=move))
+        self._uploads.clear()
         g, f = stages.split_tokens(stages.denormalize(x, stats["mean"], stats["std"]), cond)
         tile = self.tile
         tokens = Tokens(g=g.astype(np.float32), f=f.astype(np.float32),
@@ -132,6 +181,14 @@ class Generator:
         images = self.tokenizer.decode(tokens) if decode else None
         return Generation(labels=y, tokens=tokens, layout_sampled=sampled, images=images)
 
+    def _like(self):
+        """An array of the sampler's namespace: float32 on the device when sampling there, else numpy."""
+        ctx = self.device_context()
+        return np.zeros((), np.float32) if ctx is None else ctx.empty((1,))
+
+    def _network(self, name: str):
+        return self.network(name) if self.device_context() is None else self.device_network(name)
+
     def sample_tokens(self, labels, seed: int = 0, **options) -> Tokens:
         """Tokens (g (B, L, 5), f (B, L, C)) for class ids ``labels``; options as ``generate``."""
         return self.generate(labels, seed=seed, decode=False, **options).tokens
@@ -140,3 +197,8 @@ class Generator:
                sampler: str | None = None, **options) -> np.ndarray:
         """(B, H, W, 3) uint8 images for class ids ``labels``, decoded by the carried tokenizer export."""
         return self.generate(labels, seed=seed, cfg_scale=cfg_scale, steps=steps, sampler=sampler, **options).images
+
+
+def _host(x):
+    """A sampled state on the host (device arrays are downloaded, numpy passes through)."""
+    return x.get() if hasattr(x, "gpstoken_ops") else x

@@ -4,7 +4,9 @@
 
 Device memory, pinned host buffers and the stream come from cuda-bindings (``cuda.bindings.runtime``,
 the maintained binding TensorRT's own samples use). One stream per graph; buffers grow as needed and
-are reused; with ``cuda_graph=True`` a CUDA graph is captured per input shape and replayed.
+are reused; with ``cuda_graph=True`` each input shape gets its own execution context, runs plainly once,
+is captured as a CUDA graph on its second call and replayed after that. ``run_device`` keeps inputs and
+outputs on the GPU (``cuda_arrays``): the generator's sampler state never leaves the device.
 
 Imports neither torch nor TensorRT until a backend is created, so ``import gpstoken_runtime`` works
 everywhere; without TensorRT the error says what to install.
@@ -12,6 +14,8 @@ everywhere; without TensorRT the error says what to install.
 
 from __future__ import annotations
 
+import ctypes
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +46,23 @@ def _numpy_type(engine, name: str):
     return _NUMPY_TYPES[kind]
 
 
+class _Slot:
+    """One execution context with its device buffers and, with CUDA graphs, the graph captured on them.
+
+    TensorRT only promises that a captured graph replays the context state of its capture, so each input
+    shape that gets a graph has its own context and buffers (their addresses are baked into the graph)."""
+
+    def __init__(self, context):
+        self.context = context
+        self.buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+        self.host: dict[str, tuple[int, int]] = {}  # pinned staging for host feeds / results
+        self.graph = None  # cudaGraphExec_t
+        self.runs = 0
+
+
 class TensorRTBackend(Backend):
+    MAX_GRAPHS = 8  # shapes with a captured graph (and a context) kept; the least recently used is dropped
+
     @classmethod
     def from_manifest(cls, folder: Path, manifest: dict, graph: str, device: str = "cuda", threads: int | None = None,
                       plugin_library=None, cuda_graph: bool = False) -> TensorRTBackend:
@@ -61,7 +81,7 @@ class TensorRTBackend(Backend):
         trt = import_tensorrt()
         self.cudart = cudart = import_cudart()
         self.device = int(device.split(":")[1]) if ":" in device else 0
-        check_cuda(cudart.cudaSetDevice(self.device), "cudaSetDevice")
+        self._use_device()
         if manifest_section is not None:
             check_engine_compatibility(manifest_section, trt.__version__, *gpu_properties(self.device))
         load_plugin(trt, find_plugin_library(plugin_library))
@@ -70,42 +90,64 @@ class TensorRTBackend(Backend):
         if engine is None:
             raise EngineMismatch(f"{path}: TensorRT could not deserialize the engine (another TensorRT version or GPU?)")
         self.engine = engine
-        self.context = engine.create_execution_context()
         self.stream = check_cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.dtypes = {n: _numpy_type(engine, n) for n in names}
         self.profile = {n: tuple(tuple(d) for d in engine.get_tensor_profile_shape(n, 0)) for n in self.input_names}
-        self.device_buffers: dict[str, tuple[int, int]] = {}  # name -> (pointer, bytes)
-        self.host_buffers: dict[str, tuple[int, int]] = {}  # pinned
         self.use_cuda_graph = cuda_graph
-        self.graphs: dict[tuple, object] = {}
+        self.slots: OrderedDict = OrderedDict()  # input shapes (or None without CUDA graphs) -> _Slot
 
-    # ---------------------------------------------------------------- buffers
-    def _buffer(self, pool: dict, name: str, nbytes: int, pinned: bool) -> int:
-        ptr, size = pool.get(name, (0, 0))
-        if size < nbytes:
+    def _use_device(self) -> None:
+        # The current device is per host thread: set it on every entry (threads, several GPUs).
+        check_cuda(self.cudart.cudaSetDevice(self.device), "cudaSetDevice")
+
+    # ---------------------------------------------------------------- contexts and buffers
+    def _slot(self, key: tuple) -> _Slot:
+        key = key if self.use_cuda_graph else None
+        slot = self.slots.get(key)
+        if slot is not None:
+            self.slots.move_to_end(key)
+            return slot
+        if len(self.slots) >= self.MAX_GRAPHS:
+            self._free_slot(self.slots.popitem(last=False)[1])
+        slot = self.slots[key] = _Slot(self.engine.create_execution_context())
+        return slot
+
+    def _device_buffer(self, slot: _Slot, name: str, nbytes: int) -> int:
+        ptr, size = slot.buffers.get(name, (0, 0))
+        if size < nbytes:  # only without CUDA graphs: a graph's slot sees one shape
             if ptr:
-                check_cuda((self.cudart.cudaFreeHost if pinned else self.cudart.cudaFree)(ptr), "free")
-            alloc = self.cudart.cudaMallocHost if pinned else self.cudart.cudaMalloc
-            ptr = int(check_cuda(alloc(max(nbytes, 1)), "cudaMallocHost" if pinned else "cudaMalloc"))
-            pool[name] = (ptr, nbytes)
-            if not pinned:
-                self._drop_graphs()  # captured graphs hold the old device addresses (host copies are outside them)
+                check_cuda(self.cudart.cudaFree(ptr), "cudaFree")
+            ptr = int(check_cuda(self.cudart.cudaMalloc(max(nbytes, 1)), "cudaMalloc"))
+            slot.buffers[name] = (ptr, nbytes)
         return ptr
 
-    def _host_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    def _host_view(self, slot: _Slot, name: str, shape: tuple[int, ...]) -> np.ndarray:
         dtype = np.dtype(self.dtypes[name])
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        ptr = self._buffer(self.host_buffers, name, nbytes, pinned=True)
-        import ctypes
-
+        ptr, size = slot.host.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                check_cuda(self.cudart.cudaFreeHost(ptr), "cudaFreeHost")
+            ptr = int(check_cuda(self.cudart.cudaMallocHost(max(nbytes, 1)), "cudaMallocHost"))
+            slot.host[name] = (ptr, nbytes)
         raw = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr)
         return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
 
+    def _free_slot(self, slot: _Slot) -> None:
+        if slot.graph is not None:
+            self.cudart.cudaGraphExecDestroy(slot.graph)
+            slot.graph = None
+        for ptr, _ in slot.buffers.values():
+            self.cudart.cudaFree(ptr)
+        for ptr, _ in slot.host.values():
+            self.cudart.cudaFreeHost(ptr)
+        slot.buffers, slot.host, slot.context = {}, {}, None
+
     # ---------------------------------------------------------------- run
-    def _check_feed(self, name: str, array: np.ndarray) -> np.ndarray:
+    def _check_feed(self, name: str, array) -> None:
         expected = self.dtypes[name]
         if array.dtype != expected:
             raise ValueError(f"input {name!r}: dtype {array.dtype}, the engine takes {np.dtype(expected)}")
@@ -115,75 +157,113 @@ class TensorRTBackend(Backend):
                 f"input {name!r}: shape {tuple(array.shape)} is outside the engine's optimization profile "
                 f"(min {lo}, max {hi}); rebuild with a larger --max-batch / --max-tokens"
             )
-        return np.ascontiguousarray(array)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        cudart, stream = self.cudart, self.stream
-        H2D, D2H = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    def _enqueue(self, feeds: dict, stream, device_context=None) -> tuple[_Slot, dict[str, tuple]]:
+        """Set shapes and addresses, copy the inputs in (host arrays through pinned staging, device arrays
+        device to device) and run the engine on ``stream``; returns the slot and the output shapes."""
         missing = set(self.input_names) - set(feeds)
         if missing:
             raise ValueError(f"missing inputs {sorted(missing)}")
-        key = []
+        arrays = {}
         for name in self.input_names:
-            array = self._check_feed(name, np.asarray(feeds[name]))
-            key.append(array.shape)
-            host = self._host_view(name, array.shape)
-            host[...] = array
-            dev = self._buffer(self.device_buffers, name, array.nbytes, pinned=False)
-            if not self.context.set_input_shape(name, array.shape):
+            array = feeds[name] if hasattr(feeds[name], "gpstoken_ops") else np.ascontiguousarray(feeds[name])
+            self._check_feed(name, array)
+            arrays[name] = array
+        self._use_device()
+        slot = self._slot(tuple(a.shape for a in arrays.values()))
+        cudart, context = self.cudart, slot.context
+        for name, array in arrays.items():
+            dev = self._device_buffer(slot, name, array.nbytes)
+            if not context.set_input_shape(name, array.shape):
                 raise ValueError(f"input {name!r}: TensorRT refused shape {tuple(array.shape)}")
-            self.context.set_tensor_address(name, dev)
-            check_cuda(cudart.cudaMemcpyAsync(dev, host.ctypes.data, array.nbytes, H2D, stream), "cudaMemcpyAsync")
-        shapes = {n: tuple(self.context.get_tensor_shape(n)) for n in self.output_names}
+            context.set_tensor_address(name, dev)
+            if hasattr(array, "gpstoken_ops"):
+                kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+                check_cuda(cudart.cudaMemcpyAsync(dev, array.ptr, array.nbytes, kind, stream), "cudaMemcpyAsync")
+            elif device_context is not None:  # no staging: the next call could overwrite it before the copy ran
+                kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+                staged = device_context.upload(array)
+                check_cuda(cudart.cudaMemcpyAsync(dev, staged.ptr, array.nbytes, kind, stream), "cudaMemcpyAsync")
+            else:
+                host = self._host_view(slot, name, array.shape)
+                host[...] = array
+                kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+                check_cuda(cudart.cudaMemcpyAsync(dev, host.ctypes.data, array.nbytes, kind, stream), "cudaMemcpyAsync")
+        shapes = {n: tuple(context.get_tensor_shape(n)) for n in self.output_names}
         for name, shape in shapes.items():
             nbytes = int(np.prod(shape)) * np.dtype(self.dtypes[name]).itemsize
-            self.context.set_tensor_address(name, self._buffer(self.device_buffers, name, nbytes, pinned=False))
-        self._execute(tuple(key))
+            context.set_tensor_address(name, self._device_buffer(slot, name, nbytes))
+        self._execute(slot, stream)
+        return slot, shapes
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        cudart, stream = self.cudart, self.stream
+        slot, shapes = self._enqueue(feeds, stream)
         outputs = []
         for name, shape in shapes.items():
-            host = self._host_view(name, shape)
-            dev, _ = self.device_buffers[name]
-            check_cuda(cudart.cudaMemcpyAsync(host.ctypes.data, dev, host.nbytes, D2H, stream), "cudaMemcpyAsync")
+            host = self._host_view(slot, name, shape)
+            dev, _ = slot.buffers[name]
+            kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+            check_cuda(cudart.cudaMemcpyAsync(host.ctypes.data, dev, host.nbytes, kind, stream), "cudaMemcpyAsync")
             outputs.append(host)
         check_cuda(cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         return [o.copy() for o in outputs]
 
-    def _execute(self, key: tuple) -> None:
-        cudart, stream = self.cudart, self.stream
-        if not self.use_cuda_graph:
-            if not self.context.execute_async_v3(int(stream)):
+    def run_device(self, feeds: dict, device_context) -> list:
+        """``run`` without the host: inputs may be device arrays (``cuda_arrays.DeviceArray``), the outputs are
+        device arrays of ``device_context``, and all work is queued on its stream without waiting."""
+        stream = device_context.stream
+        slot, shapes = self._enqueue(feeds, stream, device_context)
+        outputs = []
+        for name, shape in shapes.items():
+            out = device_context.empty(shape, self.dtypes[name])
+            kind = self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+            check_cuda(self.cudart.cudaMemcpyAsync(out.ptr, slot.buffers[name][0], out.nbytes, kind, stream), "cudaMemcpyAsync")
+            outputs.append(out)
+        return outputs
+
+    def _execute(self, slot: _Slot, stream) -> None:
+        cudart, context = self.cudart, slot.context
+        slot.runs += 1
+        if not self.use_cuda_graph or slot.runs == 1:
+            # A shape's first enqueue may set up resources and cannot be captured: run it plainly, capture
+            # on the next call (so every call runs the network exactly once).
+            if not context.execute_async_v3(int(stream)):
                 raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
             return
-        if key not in self.graphs:
-            # TensorRT needs one plain run after a shape change before it can be captured.
-            if not self.context.execute_async_v3(int(stream)):
-                raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
+        if slot.graph is None:
             mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
             check_cuda(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-            captured = self.context.execute_async_v3(int(stream))
-            graph = check_cuda(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")  # always leave capture mode
+            graph = None
+            try:
+                captured = context.execute_async_v3(int(stream))
+            finally:
+                graph = check_cuda(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")  # always leave capture
             try:
                 if not captured:
                     raise RuntimeError("TensorRT execute_async_v3 failed during CUDA-graph capture (see the TensorRT log)")
-                self.graphs[key] = check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+                slot.graph = check_cuda(cudart.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
             finally:
                 cudart.cudaGraphDestroy(graph)  # the instantiated graph is independent of it
-        check_cuda(cudart.cudaGraphLaunch(self.graphs[key], stream), "cudaGraphLaunch")
+        check_cuda(cudart.cudaGraphLaunch(slot.graph, stream), "cudaGraphLaunch")
 
-    def _drop_graphs(self) -> None:
-        for graph_exec in self.graphs.values():
-            self.cudart.cudaGraphExecDestroy(graph_exec)
-        self.graphs.clear()
+    @property
+    def graphs(self) -> dict:
+        """Captured graphs by input shapes."""
+        return {key: slot.graph for key, slot in self.slots.items() if slot.graph is not None}
 
-    def __del__(self):
+    def close(self) -> None:
+        """Free the contexts, graphs, buffers and the stream (also done when the backend is collected)."""
         cudart = getattr(self, "cudart", None)
         if cudart is None:
             return
-        if getattr(self, "graphs", None):
-            self._drop_graphs()
+        cudart.cudaSetDevice(self.device)
+        for slot in getattr(self, "slots", {}).values():
+            self._free_slot(slot)
+        self.slots = OrderedDict()
         if getattr(self, "stream", None) is not None:
             cudart.cudaStreamDestroy(self.stream)
-        for ptr, _ in getattr(self, "device_buffers", {}).values():
-            cudart.cudaFree(ptr)
-        for ptr, _ in getattr(self, "host_buffers", {}).values():
-            cudart.cudaFreeHost(ptr)
+            self.stream = None
+
+    def __del__(self):
+        self.close()

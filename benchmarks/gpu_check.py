@@ -230,12 +230,46 @@ def bench_decode(ctx: dict) -> dict:
     return {"table": out.strip().splitlines()[-6:]}
 
 
+def tensorrt_generator(ctx: dict) -> dict:
+    """The shipped digits generator on TensorRT (device-resident sampling, CUDA graphs) vs ONNX Runtime, and
+    the polygraphy recipe of its velocity engines."""
+    parity = ctx["work"] / "generator_parity"
+    folder = ctx["work"] / "generator_export"
+    if ctx["dry_run"]:
+        run([sys.executable, "-m", "gpstoken.cli", "export-generator", "--out", str(folder)], ctx["limit"])
+        run([sys.executable, "-m", "gpstoken_export.generator_parity", str(folder), "--out", str(parity)], ctx["limit"])
+        return {"velocity recipe checked on ONNX Runtime (dry run)": (parity / "run_on_gpu.sh").exists()}
+    need_cuda(ctx)
+    if "plugin" not in ctx:
+        raise Skip("no plugin library (see the TensorRT plugin part)")
+    import numpy as np
+    from gpstoken_runtime import Generator
+
+    run([sys.executable, "-m", "gpstoken.cli", "export-generator", "--out", str(folder), "--tensorrt", "--plugin", str(ctx["plugin"])],
+        ctx["limit"])
+    labels = [0, 3, 5, 9]
+    ref = Generator.load(folder)
+    trt = Generator.load(folder, backend="tensorrt", plugin_library=ctx["plugin"])
+    figures = {"device_resident": trt.device_context() is not None}
+    for sampler, steps in (("sde", 50), ("heun", 8)):
+        a = ref.sample_tokens(labels, seed=0, sampler=sampler, steps=steps)
+        b = trt.sample_tokens(labels, seed=0, sampler=sampler, steps=steps)
+        figures[f"{sampler}{steps}_tokens_max_abs"] = float(max(np.abs(a.g - b.g).max(), np.abs(a.f - b.f).max()))
+    grey = int(np.abs(ref.sample(labels, seed=0).astype(int) - trt.sample(labels, seed=0).astype(int)).max())
+    figures["images_max_grey_levels"] = grey
+    if grey > 2:
+        raise RuntimeError(f"TensorRT vs ONNX Runtime generated images differ by {grey} grey levels (> 2)")
+    run([sys.executable, "-m", "gpstoken_export.generator_parity", str(folder), "--out", str(parity)], ctx["limit"])
+    figures["polygraphy_velocity_recipe"] = run(["bash", str(parity / "run_on_gpu.sh")], ctx["limit"]).strip().splitlines()[-1]
+    return figures
+
+
 def bench_generation(ctx: dict) -> dict:
     need_cuda(ctx)
+    if "plugin" not in ctx:
+        raise Skip("no plugin library (see the TensorRT plugin part)")
     script = ROOT / "benchmarks" / "generation.py"
-    if not script.exists():
-        raise Skip("benchmarks/generation.py does not exist yet")
-    out = run([sys.executable, str(script), "--gpu"] + (["--plugin", str(ctx["plugin"])] if "plugin" in ctx else []), ctx["limit"])
+    out = run([sys.executable, str(script), "--gpu", "--plugin", str(ctx["plugin"]), "--budget", str(ctx["limit"] / 2)], ctx["limit"])
     return {"table": out.strip().splitlines()[-8:]}
 
 
@@ -246,6 +280,7 @@ PARTS = [
     ("ONNX Runtime CUDA vs CPU", ort_cuda),
     ("TensorRT plugin", tensorrt_plugin),
     ("TensorRT engines, backend, parity", tensorrt_engines),
+    ("TensorRT generator (device-resident)", tensorrt_generator),
     ("benchmark: splat CUDA vs dense", bench_splat),
     ("benchmark: decode images/s", bench_decode),
     ("benchmark: generation samples/s", bench_generation),

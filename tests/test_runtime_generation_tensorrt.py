@@ -130,3 +130,38 @@ def test_noise_drawn_in_one_block_equals_step_by_step_draws():
         np.testing.assert_array_equal(block(shape), step_by_step(shape))
     with pytest.raises(ValueError, match="used up"):
         block((6, 4, 3))
+
+
+def test_polygraphy_recipe_for_the_velocity_engines_checks_out_on_onnxruntime(exported, tmp_path):
+    from gpstoken_export.generator_parity import check_velocity_recipe, write_velocity_recipe
+    from polygraphy.comparator import RunResults
+
+    generator = tiny_two_stage_generator()  # the exported weights (the helper is seeded)
+    script = write_velocity_recipe(exported, generator, tmp_path / "parity")
+    text = script.read_text()
+    assert "polygraphy run texture.onnx --trt" in text and "polygraphy run layout.onnx --trt" in text
+    assert "--trt-min-shapes x:[3,128,21] t:[3] y:[3] cond:[3,128,5]" in text and "--plugins" not in text
+    assert check_velocity_recipe(tmp_path / "parity")
+    # the check can fail: torch outputs that are off by 1% are refused
+    path = tmp_path / "parity" / "texture_outputs.json"
+    results = RunResults.load(str(path))
+    for _, iterations in results.items():
+        for it in iterations:
+            it["v"] = it["v"] * 1.01 + 0.01
+    results.save(str(path))
+    assert not check_velocity_recipe(tmp_path / "parity")
+
+
+def test_export_generator_tensorrt_without_tensorrt_keeps_the_onnx_export(tmp_path):
+    import sys
+
+    model = tmp_path / "model"
+    tiny_two_stage_generator().save_pretrained(model)
+    script = "import sys; sys.modules['tensorrt'] = None; from gpstoken.cli import main; sys.exit(main(sys.argv[1:]))"
+    out = tmp_path / "export"
+    proc = subprocess.run([sys.executable, "-c", script, "export-generator", "--model", str(model), "--out", str(out),
+                           "--tensorrt", "--plugin", str(tmp_path / "nope.so")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "the ONNX export" in proc.stderr and "is complete" in proc.stderr and "plugin library not found" in proc.stderr
+    assert (out / "texture.onnx").exists() and (out / "tokenizer" / "manifest.json").exists()
+    assert not list(out.rglob("*.engine"))

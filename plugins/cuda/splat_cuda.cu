@@ -9,16 +9,31 @@ namespace {
 constexpr int kTile = 16;                   // tile side in pixels
 constexpr int kTileThreads = kTile * kTile;  // one thread per pixel of a tile
 constexpr int kWarp = 32;
-constexpr int kChannelChunk = 8;           // channels accumulated in registers per pass
-constexpr int kBackwardWarpsPerBlock = 4;  // Gaussians per backward block
+constexpr int kBackwardThreads = 128;  // one Gaussian per backward block: its support is split over 4 warps
+constexpr int kBackwardWarps = kBackwardThreads / kWarp;
+
+// What a tile keeps of each Gaussian that reaches it: the per-Gaussian constants, computed once when the
+// Gaussian is loaded instead of per pixel, and the support reach s * sigma (the same product in_support
+// forms, so the test is unchanged).
+template <typename T>
+struct TileGaussian {
+  GaussianCoeffs<T> coeffs;
+  T mu_x, mu_y, reach_x, reach_y;
+};
+
+// Channels accumulated in registers per pass over the Gaussians: the launch picks the smallest of 8, 16 or
+// 32 that covers C (official models: 16), so a tile culls and evaluates its Gaussians once.
+template <int CH>
+constexpr bool kValidChunk = CH == 8 || CH == 16 || CH == 32;
 
 // T: arithmetic type; S: storage type of the tensors (S = __half reads and writes float16 while
 // every product and sum stays in float32).
-template <typename T, typename S = T>
+template <typename T, typename S, int CH>
 __global__ void splat_forward_kernel(const S* __restrict__ gaussians, const S* __restrict__ features,
                                      S* __restrict__ out, int64_t L, int64_t C, int H, int W,
                                      T support, int tiles_x, int64_t tiles_per_image) {
-  __shared__ T tile_gaussians[kTileThreads][kNumParams];
+  static_assert(kValidChunk<CH>, "channel chunk");
+  __shared__ TileGaussian<T> tile_gaussians[kTileThreads];
   __shared__ int tile_ids[kTileThreads];
   __shared__ int warp_hits[kTileThreads / kWarp];
 
@@ -31,10 +46,10 @@ __global__ void splat_forward_kernel(const S* __restrict__ gaussians, const S* _
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t plane = int64_t(H) * W;
 
-  for (int64_t c0 = 0; c0 < C; c0 += kChannelChunk) {
-    T acc[kChannelChunk];
+  for (int64_t c0 = 0; c0 < C; c0 += CH) {
+    T acc[CH];
 #pragma unroll
-    for (int k = 0; k < kChannelChunk; ++k) acc[k] = T(0);
+    for (int k = 0; k < CH; ++k) acc[k] = T(0);
 
     for (int64_t base = 0; base < L; base += kTileThreads) {
       // Each thread tests one Gaussian against the tile; hits are compacted in token order.
@@ -59,21 +74,25 @@ __global__ void splat_forward_kernel(const S* __restrict__ gaussians, const S* _
       }
       if (hit) {
         slot += __popc(hits & ((1u << lane) - 1u));
-#pragma unroll
-        for (int k = 0; k < kNumParams; ++k) tile_gaussians[slot][k] = g[k];
+        TileGaussian<T>& tg = tile_gaussians[slot];
+        tg.coeffs = gaussian_coeffs(g);
+        tg.mu_x = g[kMuX];
+        tg.mu_y = g[kMuY];
+        tg.reach_x = support * g[kSigmaX];
+        tg.reach_y = support * g[kSigmaY];
         tile_ids[slot] = int(i - base);
       }
       __syncthreads();
 
       if (pixel_inside) {
         for (int k = 0; k < total; ++k) {
-          const T* gk = tile_gaussians[k];
-          const T dx = cx - gk[kMuX], dy = cy - gk[kMuY];
-          if (!in_support(dx, dy, gk, support)) continue;
-          const T w = gaussian_terms(dx, dy, gaussian_coeffs(gk)).weight;
+          const TileGaussian<T>& tg = tile_gaussians[k];
+          const T dx = cx - tg.mu_x, dy = cy - tg.mu_y;
+          if (!within_reach(dx, dy, tg.reach_x, tg.reach_y)) continue;
+          const T w = gaussian_terms(dx, dy, tg.coeffs).weight;
           const S* f = features + (b * L + base + tile_ids[k]) * C + c0;
 #pragma unroll
-          for (int cc = 0; cc < kChannelChunk; ++cc)
+          for (int cc = 0; cc < CH; ++cc)
             if (c0 + cc < C) acc[cc] += w * T(f[cc]);
         }
       }
@@ -82,7 +101,7 @@ __global__ void splat_forward_kernel(const S* __restrict__ gaussians, const S* _
 
     if (pixel_inside) {
 #pragma unroll
-      for (int cc = 0; cc < kChannelChunk; ++cc)
+      for (int cc = 0; cc < CH; ++cc)
         if (c0 + cc < C) out[(b * C + c0 + cc) * plane + int64_t(y) * W + x] = S(acc[cc]);
     }
   }
@@ -95,15 +114,34 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// The sum of `v` over the block, valid in thread 0 (every thread must call it: it synchronizes).
 template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T total = T(0);
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int w = 0; w < kBackwardWarps; ++w) total += scratch[w];
+  }
+  __syncthreads();  // scratch is reused by the next call
+  return total;
+}
+
+// One block per Gaussian, its support box split over the block's threads in row-major order. Each thread
+// walks its pixels p, p + 128, ... with (x, y) stepped by (128 mod w, 128 div w) and one wrap, so there is
+// no division per pixel. Every output element is written (zeros for empty supports).
+template <typename T, int CH>
 __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
                                       const T* __restrict__ gaussians,
                                       const T* __restrict__ features,
                                       T* __restrict__ grad_gaussians, T* __restrict__ grad_features,
-                                      int64_t BL, int64_t L, int64_t C, int H, int W, T support) {
-  const int64_t j = int64_t(blockIdx.x) * kBackwardWarpsPerBlock + threadIdx.x / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  if (j >= BL) return;  // the whole warp leaves together, so shuffles below stay full-warp
+                                      int64_t L, int64_t C, int H, int W, T support) {
+  static_assert(kValidChunk<CH>, "channel chunk");
+  __shared__ T scratch[kBackwardWarps];
+  const int64_t j = blockIdx.x;
   const int64_t b = j / L;
   const int64_t plane = int64_t(H) * W;
 
@@ -114,25 +152,31 @@ __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
   const T* go_image = grad_out + b * C * plane;
   const GaussianCoeffs<T> coeffs = gaussian_coeffs(g);
   const PixelBox box = support_box<T>(g, support, H, W);
-  const int box_w = box.empty() ? 0 : box.x1 - box.x0;
-  const int64_t area = box.empty() ? 0 : int64_t(box_w) * (box.y1 - box.y0);
+  const int box_w = box.empty() ? 1 : box.x1 - box.x0;  // 1: no pixel is visited, and no division by 0
+  const int y_end = box.empty() ? box.y0 : box.y1;
+  const int step_x = kBackwardThreads % box_w, step_y = kBackwardThreads / box_w;
 
   T dg[kNumParams] = {T(0), T(0), T(0), T(0), T(0)};
   // The first channel pass also accumulates the Gaussian-parameter gradient (it needs every
   // channel of grad_out at the pixel); later passes only add feature-gradient chunks.
-  for (int64_t c0 = 0; c0 < C; c0 += kChannelChunk) {
-    T df[kChannelChunk];
+  for (int64_t c0 = 0; c0 < C; c0 += CH) {
+    T df[CH];
 #pragma unroll
-    for (int k = 0; k < kChannelChunk; ++k) df[k] = T(0);
-    for (int64_t p = lane; p < area; p += kWarp) {
-      const int x = box.x0 + int(p % box_w), y = box.y0 + int(p / box_w);
+    for (int k = 0; k < CH; ++k) df[k] = T(0);
+    int x = box.x0 + int(threadIdx.x) % box_w, y = box.y0 + int(threadIdx.x) / box_w;
+    for (; y < y_end; x += step_x, y += step_y) {
+      if (x >= box.x0 + box_w) {
+        x -= box_w;
+        ++y;
+        if (y >= y_end) break;
+      }
       const T dx = pixel_center<T>(x, W) - g[kMuX], dy = pixel_center<T>(y, H) - g[kMuY];
       if (!in_support(dx, dy, g, support)) continue;
       const GaussianTerms<T> terms = gaussian_terms(dx, dy, coeffs);
       if (terms.weight == T(0)) continue;
       const T* go = go_image + int64_t(y) * W + x;
 #pragma unroll
-      for (int cc = 0; cc < kChannelChunk; ++cc)
+      for (int cc = 0; cc < CH; ++cc)
         if (c0 + cc < C) df[cc] += terms.weight * go[(c0 + cc) * plane];
       if (c0 == 0) {
         T f_dot_go = T(0);
@@ -144,17 +188,20 @@ __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
       }
     }
 #pragma unroll
-    for (int cc = 0; cc < kChannelChunk; ++cc) {
-      const T total = warp_sum(df[cc]);
-      if (lane == 0 && c0 + cc < C) grad_features[j * C + c0 + cc] = total;
+    for (int cc = 0; cc < CH; ++cc) {
+      const T total = block_sum(df[cc], scratch);
+      if (threadIdx.x == 0 && c0 + cc < C) grad_features[j * C + c0 + cc] = total;
     }
   }
 #pragma unroll
   for (int k = 0; k < kNumParams; ++k) {
-    const T total = warp_sum(dg[k]);
-    if (lane == 0) grad_gaussians[j * kNumParams + k] = total;
+    const T total = block_sum(dg[k], scratch);
+    if (threadIdx.x == 0) grad_gaussians[j * kNumParams + k] = total;
   }
 }
+
+// The register chunk for C channels: 8, 16 or 32 (wider models take several passes of 32).
+inline int channel_chunk(int64_t C) { return C <= 8 ? 8 : C <= 16 ? 16 : 32; }
 
 }  // namespace
 
@@ -166,8 +213,15 @@ cudaError_t launch_forward(const S* gaussians, const S* features, S* out, const 
   const int64_t tiles = int64_t(tiles_x) * tiles_y;
   const int64_t blocks = tiles * s.batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  splat_forward_kernel<T, S><<<unsigned(blocks), kTileThreads, 0, stream>>>(
-      gaussians, features, out, s.tokens, s.channels, s.height, s.width, support, tiles_x, tiles);
+  const auto launch = [&](auto kernel) {
+    kernel<<<unsigned(blocks), kTileThreads, 0, stream>>>(gaussians, features, out, s.tokens, s.channels, s.height,
+                                                           s.width, support, tiles_x, tiles);
+  };
+  switch (channel_chunk(s.channels)) {
+    case 8: launch(splat_forward_kernel<T, S, 8>); break;
+    case 16: launch(splat_forward_kernel<T, S, 16>); break;
+    default: launch(splat_forward_kernel<T, S, 32>); break;
+  }
   return cudaGetLastError();
 }
 
@@ -188,11 +242,16 @@ cudaError_t splat_backward(const T* grad_out, const T* gaussians, const T* featu
                            cudaStream_t stream) {
   const int64_t BL = s.batch * s.tokens;
   if (BL == 0) return cudaSuccess;
-  const int64_t blocks = (BL + kBackwardWarpsPerBlock - 1) / kBackwardWarpsPerBlock;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  splat_backward_kernel<T><<<unsigned(blocks), kBackwardWarpsPerBlock * kWarp, 0, stream>>>(
-      grad_out, gaussians, features, grad_gaussians, grad_features, BL, s.tokens, s.channels,
-      s.height, s.width, support);
+  if (BL > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const auto launch = [&](auto kernel) {
+    kernel<<<unsigned(BL), kBackwardThreads, 0, stream>>>(grad_out, gaussians, features, grad_gaussians, grad_features,
+                                                          s.tokens, s.channels, s.height, s.width, support);
+  };
+  switch (channel_chunk(s.channels)) {
+    case 8: launch(splat_backward_kernel<T, 8>); break;
+    case 16: launch(splat_backward_kernel<T, 16>); break;
+    default: launch(splat_backward_kernel<T, 32>); break;
+  }
   return cudaGetLastError();
 }
 

@@ -45,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> splat_backward_cuda(const at::Tensor& grad_ou
   check_grad_out(grad_out, gaussians, s);
   const c10::DeviceGuard guard(gaussians.device());
   const at::Tensor go = grad_out.contiguous(), g = gaussians.contiguous(), f = features.contiguous();
-  at::Tensor grad_g = at::zeros_like(g), grad_f = at::zeros_like(f);
+  at::Tensor grad_g = at::empty_like(g), grad_f = at::empty_like(f);  // the kernel writes every element
   const cudaStream_t stream = current_stream(gaussians);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "gaussian_splat_backward", [&] {
     check_cuda(cuda::splat_backward<scalar_t>(go.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),

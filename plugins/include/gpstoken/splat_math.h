@@ -88,6 +88,15 @@ GPSTOKEN_HD bool in_support(T dx, T dy, const T* g, T support) {
   return ax <= support * g[kSigmaX] && ay <= support * g[kSigmaY];
 }
 
+// in_support with the reaches s * sigma_x, s * sigma_y formed once per Gaussian (the same products, so the
+// same decisions).
+template <typename T>
+GPSTOKEN_HD bool within_reach(T dx, T dy, T reach_x, T reach_y) {
+  const T ax = dx < T(0) ? -dx : dx;
+  const T ay = dy < T(0) ? -dy : dy;
+  return ax <= reach_x && ay <= reach_y;
+}
+
 // Per-Gaussian constants, computed once per Gaussian rather than once per pixel.
 template <typename T>
 struct GaussianCoeffs {

@@ -165,3 +165,29 @@ def test_export_generator_tensorrt_without_tensorrt_keeps_the_onnx_export(tmp_pa
     assert "the ONNX export" in proc.stderr and "is complete" in proc.stderr and "plugin library not found" in proc.stderr
     assert (out / "texture.onnx").exists() and (out / "tokenizer" / "manifest.json").exists()
     assert not list(out.rglob("*.engine"))
+
+
+def test_large_velocity_graphs_keep_their_weights_in_external_data(exported, tmp_path, monkeypatch):
+    """SiT-XL/2-gs has 2.7 GB of float32 weights, above protobuf's 2 GiB: those graphs keep the weights in
+    NAME.onnx.data, hashed in the manifest. Forced here on the tiny generator with a zero threshold."""
+    from gpstoken_export import generator_export
+    from gpstoken_runtime import Generator
+
+    from gpstoken_core.manifest import ExportError
+
+    monkeypatch.setattr(generator_export, "EXTERNAL_DATA_BYTES", 0)
+    folder = export_generator(tiny_two_stage_generator(), tmp_path / "big")
+    manifest, _ = read_generator_manifest(folder)
+    for name in ("texture", "layout"):
+        data = manifest["files"][name]["external_data"]
+        assert data["path"] == f"{name}.onnx.data" and (folder / data["path"]).stat().st_size > 100_000
+        assert (folder / f"{name}.onnx").stat().st_size < 100_000  # the graph alone
+    ours = Generator.load(folder).sample_tokens([2, 6], seed=4, steps=4)
+    inline = Generator.load(exported).sample_tokens([2, 6], seed=4, steps=4)
+    np.testing.assert_array_equal(ours.f, inline.f)
+    np.testing.assert_array_equal(ours.g, inline.g)
+    with open(folder / "texture.onnx.data", "r+b") as fh:  # a damaged weights file is named
+        fh.seek(1000)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ExportError, match=r"texture\.onnx\.data.*files\.texture\.external_data\.sha256"):
+        Generator.load(folder)

@@ -144,11 +144,14 @@ def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batc
     engines = {}
     for graph in manifest["files"]:
         onnx_path = folder / manifest["files"][graph]["path"]
-        model = onnx_for_tensorrt(onnx_path)
         builder = trt.Builder(logger)
         network = builder.create_network(0)
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse(model.SerializeToString(), str(onnx_path)):
+        if "external_data" in manifest["files"][graph]:  # above 2 GiB: no splat function to drop, parse the file
+            parsed = parser.parse_from_file(str(onnx_path))
+        else:
+            parsed = parser.parse(onnx_for_tensorrt(onnx_path).SerializeToString(), str(onnx_path))
+        if not parsed:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"{onnx_path}: TensorRT cannot parse it: {errors}")
         config = builder.create_builder_config()

@@ -7,6 +7,9 @@ Folder (written atomically; schema ``gpstoken_core.manifest``, ``generator`` sec
   layout_bank.safetensors  the generator's g_init bank (if it has one): one float32 (N_c, L, 5) per class
   tokenizer/               a `gpstoken export` folder of the generator's tokenizer (decodes the tokens)
   manifest.json
+  NAME.onnx.data           the weights of a graph above EXTERNAL_DATA_BYTES (ONNX external data: a protobuf
+                           file cannot exceed 2 GiB; SiT-XL/2-gs has 2.7 GB of float32 weights), hashed in the
+                           manifest next to its graph
 
 Batch is dynamic. Classifier-free guidance is NOT in the graphs: the runtime doubles the batch
 ([conditional; unconditional] rows) and combines the halves with ``gpstoken_core.sampling.cfg_velocity``,
@@ -17,6 +20,7 @@ outside the guidance interval no rows are evaluated twice.
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -76,22 +80,49 @@ def velocity_feeds(model: SiT, batch: int, with_cond: bool, seed: int = 0) -> di
     return feeds
 
 
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to NAME.onnx.data (protobuf's hard limit is 2 GiB)
+
+
+def weight_bytes(model: SiT, itemsize: int = 4) -> int:
+    return sum(p.numel() for p in model.parameters()) * itemsize
+
+
+def save_graph(proto: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Save inline, or with every weight in ``NAME.onnx.data`` next to it; a stale data file is removed."""
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=0)
+    else:
+        onnx.save(proto, str(path))
+
+
 def export_velocity(model: SiT, path: str | Path, with_cond: bool) -> onnx.ModelProto:
     path = Path(path)
     names = ["x", "t", "y"] + (["cond"] if with_cond else [])
     feeds = velocity_feeds(model, 2, with_cond)
     args = tuple(torch.from_numpy(feeds[n]) for n in names)
     axes = {n: {0: "batch"} for n in [*names, "v"]}
-    with warnings.catch_warnings():
+    external = weight_bytes(model) > EXTERNAL_DATA_BYTES
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         warnings.simplefilter("ignore")  # TorchScript deprecation + the forward's value checks (traced once)
         # The wrapper is put in eval mode first: the exporter restores the wrapper's mode afterwards, recursively,
-        # and a fresh module's mode is training (which would switch on the SiT's label dropout).
-        torch.onnx.export(VelocityGraph(model.float().cpu(), with_cond).eval(), args, str(path), dynamo=False, opset_version=ONNX_OPSET,
+        # and a fresh module's mode is training (which would switch on the SiT's label dropout). Exported into a
+        # scratch folder: above 2 GiB the exporter writes one external file per weight, gathered below.
+        raw = Path(tmp) / path.name
+        torch.onnx.export(VelocityGraph(model.float().cpu(), with_cond).eval(), args, str(raw), dynamo=False, opset_version=ONNX_OPSET,
                           input_names=names, output_names=["v"], dynamic_axes=axes)
-    proto = drop_identity_casts(onnx.shape_inference.infer_shapes(onnx.load(str(path))))
+        proto = onnx.load(str(raw))  # with its external weights, if any
+    if external:  # shape inference serializes the model: not possible above 2 GiB, and not needed at fp32
+        save_graph(proto, path, external=True)
+        onnx.checker.check_model(str(path), full_check=True)
+        return proto
+    proto = drop_identity_casts(onnx.shape_inference.infer_shapes(proto))
     proto = onnx.shape_inference.infer_shapes(proto)
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    save_graph(proto, path, external=False)
     return proto
 
 
@@ -141,6 +172,8 @@ def export_generator(generator: GPSGenerator, out: str | Path, dtype: str = "flo
             graphs[name] = export_velocity(model, tmp / f"{name}.onnx", with_cond)
             if dtype == "float16":
                 graphs[name] = to_float16(tmp / f"{name}.onnx")
+                # half the weights: inline again when that fits, else back to external data
+                save_graph(graphs[name], tmp / f"{name}.onnx", external=weight_bytes(model, 2) > EXTERNAL_DATA_BYTES)
         section = {
             "kind": kind,
             "num_classes": tc.num_classes,

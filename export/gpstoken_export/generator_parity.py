@@ -131,7 +131,9 @@ def write_velocity_recipe(folder: str | Path, generator: GPSGenerator, out: str 
             v = VelocityGraph(model, with_cond)(tensors["x"], tensors["t"], tensors["y"], tensors.get("cond"))
         save_json([_cast(feed, types)], str(out / f"{name}_inputs.json"))
         _save_outputs(out / f"{name}_outputs.json", "torch", {"v": v.numpy().astype(types["x"])})
-        (out / entry["path"]).write_bytes((folder / entry["path"]).read_bytes())
+        for part in (entry, entry.get("external_data")):  # the graph and its external weights, if any
+            if part is not None:
+                (out / part["path"]).write_bytes((folder / part["path"]).read_bytes())
         shapes = " ".join(f"{k}:[{','.join(str(d) for d in a.shape)}]" for k, a in feed.items())
         lines += [f"polygraphy run {entry['path']} --trt --trt-min-shapes {shapes} --trt-opt-shapes {shapes} --trt-max-shapes {shapes} \\",
                   f"    --load-inputs {name}_inputs.json --load-outputs {name}_outputs.json --atol {TRT_ATOL} --rtol {TRT_RTOL}"]

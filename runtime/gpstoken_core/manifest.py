@@ -25,7 +25,8 @@ and a ``generator`` section instead of the tokenizer fields:
     tokenizer                       the nested tokenizer export's folder, relative ("tokenizer")
     dtype, onnx_opset, exporter
     files                           "texture" (always), "layout" (two-stage with a layout model): one velocity
-                                    evaluation each, inputs x (B, L, C), t (B,), y (B,) int64, cond (B, L, 5)
+                                    evaluation each, inputs x (B, L, C), t (B,), y (B,) int64, cond (B, L, 5);
+                                    external_data: {path, sha256} when the weights are in NAME.onnx.data
     tensorrt (optional)             as above, engines of the velocity graphs
 
 Every reader goes through ``read_manifest`` / ``read_generator_manifest`` (which check the files' hashes),
@@ -55,6 +56,9 @@ class ExportError(ValueError):
 def graph_entry(path: Path, io: dict, spec: DecoderSpec | None = None) -> dict:
     """The ``files`` entry of one graph file: name, hash, inputs/outputs (and what a decoder decodes)."""
     entry = {"path": path.name, "sha256": sha256_file(path), **io}
+    data = path.with_name(path.name + ".data")  # ONNX external data (weights of graphs above 2 GiB)
+    if data.exists():
+        entry["external_data"] = {"path": data.name, "sha256": sha256_file(data)}
     if spec is not None:
         entry.update(image_size=list(spec.image_size), grid=list(spec.grid))
     return entry
@@ -126,6 +130,8 @@ def check_file(folder: Path, entry: dict, field: str, what: str) -> Path:
             f"{file}: its SHA-256 differs from the manifest's {field}.sha256: the file is damaged or comes "
             "from another export (all files of an export must come from the same export)"
         )
+    if "external_data" in entry:
+        check_file(folder, entry["external_data"], f"{field}.external_data", f"weights of the {what}")
     return file
 
 

@@ -90,9 +90,11 @@ def curve(args) -> dict:
     tok = GPSTokenizer.from_pretrained(args.tokenizer).eval()
     lay, tex, one = checkpoints(args.layout), checkpoints(args.texture), checkpoints(args.one_stage)
     steps = sorted(set(lay) & set(tex) & set(one))
+    if args.at:
+        steps = [s for s in steps if s in set(args.at)]
     if not steps:
         raise SystemExit(f"no common checkpoint steps in {args.layout}, {args.texture}, {args.one_stage}")
-    sample = {"cfg_scale": args.cfg, "sampler": args.sampler, "texture_steps": args.steps}
+    sample = {"cfg_scale": args.cfg, "sampler": args.sampler, "texture_steps": args.steps, "layout_cfg_scale": args.layout_cfg}
     rows = []
     for s in steps:
         w = args.weights
@@ -162,7 +164,7 @@ def samplers(args) -> list[dict]:
     print("| texture sampler | model calls | judge accuracy | Frechet distance | ms per image |")
     print("|---|---|---|---|---|")
     for sampler, steps in (("sde", 250), ("heun", 8), ("heun", 16), ("heun", 32)):
-        r = judged(gen, args.num_per_class, cfg_scale=args.cfg, sampler=sampler, texture_steps=steps)
+        r = judged(gen, args.num_per_class, cfg_scale=args.cfg, sampler=sampler, texture_steps=steps, layout_cfg_scale=args.layout_cfg)
         calls = steps if sampler == "sde" else 2 * steps - 1
         rows.append({"sampler": sampler, "steps": steps, **r})
         print(f"| {sampler} {steps} | {calls} | {r['accuracy']:.3f} | {r['frechet_distance']:.2f} | {1000 * r['seconds_per_image']:.1f} |", flush=True)
@@ -202,6 +204,7 @@ def main() -> None:
         p.add_argument("--cfg", type=float, default=1.5)
         p.add_argument("--sampler", default="heun")
         p.add_argument("--steps", type=int, default=16)
+        p.add_argument("--layout-cfg", type=float, default=1.0, help="guidance scale of the layout stage (default 1.0)")
         p.add_argument("--report", type=Path)
     p = sub.add_parser("curve", help="judge metrics vs training steps, two-stage vs one-stage, + plot")
     for flag in ("--tokenizer", "--layout", "--texture", "--one-stage"):
@@ -211,6 +214,8 @@ def main() -> None:
     p.add_argument("--sampler", default="heun")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights of each checkpoint")
+    p.add_argument("--at", type=int, nargs="+", help="only these checkpoint steps (default: every common one)")
+    p.add_argument("--layout-cfg", type=float, default=1.0, help="guidance scale of the layout stage (default 1.0)")
     p.add_argument("--report", type=Path, default=FIGURES / "digits_curve.json")
     p.add_argument("--plot", type=Path, default=FIGURES / "digits_curve.png")
     p = sub.add_parser("grid", help="generated digits, one row per class")
@@ -226,7 +231,8 @@ def main() -> None:
     if args.command == "tokenizer":
         print(json.dumps(tokenizer_report(args.tokenizer), indent=1))
     elif args.command == "generator":
-        r = judged(GPSGenerator.from_pretrained(args.model), args.num_per_class, cfg_scale=args.cfg, sampler=args.sampler, texture_steps=args.steps)
+        r = judged(GPSGenerator.from_pretrained(args.model), args.num_per_class, cfg_scale=args.cfg, sampler=args.sampler,
+                   texture_steps=args.steps, layout_cfg_scale=args.layout_cfg)
         print(json.dumps(r, indent=1))
         if args.report:
             args.report.write_text(json.dumps(r, indent=1))

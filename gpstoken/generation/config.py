@@ -150,43 +150,30 @@ def sit_xl_onestage() -> SiTConfig:
     return SiTConfig(name="SiT-XL/onestage", role="onestage", cond_channels=0)
 
 
-def tiny_layout() -> SiTConfig:
-    return SiTConfig(name="tiny/layout", role="layout", in_channels=5, hidden=64, depth=2, heads=4, cond_channels=0)
+def small_stage(family: str, role: str, hidden: int, depth: int, heads: int = 4) -> SiTConfig:
+    """A small SiT of one stage (``family/role``): the layout model takes g_init (5 channels), the texture model
+    (dg, f) conditioned on a layout, the one-stage baseline (g, f) without one. Channel and class counts are
+    fitted to the token shards by the trainer."""
+    g_only = {"in_channels": G_CHANNELS, "cond_channels": 0} if role == "layout" else {}
+    no_layout = {"cond_channels": 0} if role == "onestage" else {}
+    return SiTConfig(name=f"{family}/{role}", role=role, hidden=hidden, depth=depth, heads=heads, **g_only, **no_layout)
 
 
-def tiny_texture() -> SiTConfig:
-    return SiTConfig(name="tiny/texture", role="texture", hidden=64, depth=2, heads=4)
-
-
-def tiny_onestage() -> SiTConfig:
-    return SiTConfig(name="tiny/onestage", role="onestage", hidden=64, depth=2, heads=4, cond_channels=0)
-
-
-def digits_layout() -> SiTConfig:
-    """The shipped digits demo's layout model (hidden 128, depth 4, 4 heads; about 1.2M parameters)."""
-    return SiTConfig(name="digits/layout", role="layout", in_channels=5, hidden=128, depth=4, heads=4, cond_channels=0)
-
-
-def digits_texture() -> SiTConfig:
-    """The shipped digits demo's texture model (same size as its layout model)."""
-    return SiTConfig(name="digits/texture", role="texture", hidden=128, depth=4, heads=4)
-
-
-def digits_onestage() -> SiTConfig:
-    """The digits one-stage baseline, the texture model's size (benchmarks/digits.py)."""
-    return SiTConfig(name="digits/onestage", role="onestage", hidden=128, depth=4, heads=4, cond_channels=0)
+SMALL = {  # family: (hidden, depth); "digits" is the shipped demo's size (about 1.2M parameters per stage)
+    "tiny": (64, 2),
+    "digits": (128, 4),
+}
 
 
 PRESETS = {
     "SiT-XL/2-gs": sit_xl_gs,
     "SiT-S/layout": sit_s_layout,
     "SiT-XL/onestage": sit_xl_onestage,
-    "tiny/layout": tiny_layout,
-    "tiny/texture": tiny_texture,
-    "tiny/onestage": tiny_onestage,
-    "digits/layout": digits_layout,
-    "digits/texture": digits_texture,
-    "digits/onestage": digits_onestage,
+    **{
+        f"{family}/{role}": (lambda family=family, role=role, size=size: small_stage(family, role, *size))
+        for family, size in SMALL.items()
+        for role in ROLES
+    },
 }
 
 

@@ -130,9 +130,8 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
   return total;
 }
 
-// One block per Gaussian, its support box split over the block's threads in row-major order. Each thread
-// walks its pixels p, p + 128, ... with (x, y) stepped by (128 mod w, 128 div w) and one wrap, so there is
-// no division per pixel. Every output element is written (zeros for empty supports).
+// One block per Gaussian, its support box split over the block's threads in row-major order (BoxWalk: no
+// division per pixel). Every output element is written (zeros for empty supports).
 template <typename T, int CH>
 __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
                                       const T* __restrict__ gaussians,
@@ -152,9 +151,6 @@ __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
   const T* go_image = grad_out + b * C * plane;
   const GaussianCoeffs<T> coeffs = gaussian_coeffs(g);
   const PixelBox box = support_box<T>(g, support, H, W);
-  const int box_w = box.empty() ? 1 : box.x1 - box.x0;  // 1: no pixel is visited, and no division by 0
-  const int y_end = box.empty() ? box.y0 : box.y1;
-  const int step_x = kBackwardThreads % box_w, step_y = kBackwardThreads / box_w;
 
   T dg[kNumParams] = {T(0), T(0), T(0), T(0), T(0)};
   // The first channel pass also accumulates the Gaussian-parameter gradient (it needs every
@@ -163,13 +159,8 @@ __global__ void splat_backward_kernel(const T* __restrict__ grad_out,
     T df[CH];
 #pragma unroll
     for (int k = 0; k < CH; ++k) df[k] = T(0);
-    int x = box.x0 + int(threadIdx.x) % box_w, y = box.y0 + int(threadIdx.x) / box_w;
-    for (; y < y_end; x += step_x, y += step_y) {
-      if (x >= box.x0 + box_w) {
-        x -= box_w;
-        ++y;
-        if (y >= y_end) break;
-      }
+    for (BoxWalk p(box, int(threadIdx.x), kBackwardThreads); p.valid(); p.next()) {
+      const int x = p.x, y = p.y;
       const T dx = pixel_center<T>(x, W) - g[kMuX], dy = pixel_center<T>(y, H) - g[kMuY];
       if (!in_support(dx, dy, g, support)) continue;
       const GaussianTerms<T> terms = gaussian_terms(dx, dy, coeffs);

@@ -50,6 +50,33 @@ struct PixelBox {
   GPSTOKEN_HD bool empty() const { return x0 >= x1 || y0 >= y1; }
 };
 
+// The pixels of a box in row-major order, shared by `threads` walkers: walker k visits pixels k, k + threads,
+// k + 2 threads, ... with (x, y) stepped by (threads mod w, threads div w) and at most one wrap per step, so
+// there is no division per pixel (the CUDA backward kernel splits a Gaussian's support over a block).
+struct BoxWalk {
+  int x, y, x_begin, x_end, y_end, width, step_x, step_y;
+  GPSTOKEN_HD BoxWalk(const PixelBox& box, int walker, int threads) {
+    const bool empty = box.empty();
+    width = empty ? 1 : box.x1 - box.x0;  // 1: nothing is visited, and no division by 0
+    x_begin = box.x0;
+    x_end = box.x0 + width;
+    y_end = empty ? box.y0 : box.y1;
+    step_x = threads % width;
+    step_y = threads / width;
+    x = box.x0 + walker % width;
+    y = empty ? y_end : box.y0 + walker / width;
+  }
+  GPSTOKEN_HD bool valid() const { return y < y_end; }
+  GPSTOKEN_HD void next() {
+    x += step_x;
+    y += step_y;
+    if (x >= x_end) {
+      x -= width;
+      ++y;
+    }
+  }
+};
+
 // Pixel index range [lo, hi) of one axis whose centres may lie within `mu +- half_width`.
 template <typename T>
 GPSTOKEN_HD void support_range(T mu, T half_width, int n, int* lo, int* hi) {

@@ -122,6 +122,48 @@ def test_save_and_load_generator_folder(generator, tmp_path):
         generator.save_pretrained(tmp_path / "gen")
 
 
+def test_a_generator_folder_carries_its_sampler_settings(parts, tmp_path):
+    """sampler.json: the settings of calls that do not give them, saved, loaded, exported and used by the
+    runtime; calls still override them; a bad file is named with its key."""
+    import json
+
+    from gpstoken_export.generator_export import export_generator
+    from gpstoken_runtime import Generator
+
+    from gpstoken_core.generation import OFFICIAL_SAMPLER_DEFAULTS
+
+    tokenizer, layout, texture = parts
+    own = {"sampler": "heun", "texture_steps": 3, "guidance": [0.0, 1.0], "layout_steps": 2}
+    gen = GPSGenerator(texture, tokenizer, layout, sampler_defaults=own)
+    official = GPSGenerator(texture, tokenizer, layout)
+    assert official.sampler_defaults == OFFICIAL_SAMPLER_DEFAULTS
+    # the folder's settings are used when a call gives none, and equal the same options given explicitly
+    a = gen.sample_tokens([4], seed=1)
+    b = official.sample_tokens([4], seed=1, sampler="heun", texture_steps=3, guidance=(0.0, 1.0), layout_steps=2)
+    torch.testing.assert_close(a.f, b.f, rtol=0, atol=0)
+    c = gen.sample_tokens([4], seed=1, sampler="sde", texture_steps=4, guidance=(0.2, 1.0), layout_steps=5)
+    torch.testing.assert_close(c.f, official.sample_tokens([4], seed=1, texture_steps=4).f, rtol=0, atol=0)
+
+    gen.save_pretrained(tmp_path / "gen")
+    assert json.loads((tmp_path / "gen" / "sampler.json").read_text()) == {**OFFICIAL_SAMPLER_DEFAULTS, **own}
+    official.save_pretrained(tmp_path / "official")
+    assert not (tmp_path / "official" / "sampler.json").exists()  # official settings need no file
+    loaded = GPSGenerator.from_pretrained(tmp_path / "gen")
+    torch.testing.assert_close(loaded.sample_tokens([4], seed=1).f, a.f, rtol=0, atol=0)
+
+    export = export_generator(loaded, tmp_path / "export")
+    runtime = Generator.load(export)
+    assert runtime.defaults == loaded.sampler_defaults
+    np.testing.assert_allclose(runtime.sample_tokens([4], seed=1).f, a.f.numpy(), rtol=2e-5, atol=2e-5)
+
+    (tmp_path / "gen" / "sampler.json").write_text(json.dumps({"samplr": "heun"}))
+    with pytest.raises(CheckpointError, match=r"sampler.json: unknown key\(s\) \['samplr'\]"):
+        GPSGenerator.from_pretrained(tmp_path / "gen")
+    (tmp_path / "gen" / "sampler.json").write_text(json.dumps({"texture_steps": 0}))
+    with pytest.raises(CheckpointError, match="sampler.json: texture_steps must be an integer >= 2"):
+        GPSGenerator.from_pretrained(tmp_path / "gen")
+
+
 def test_bad_input_gives_clear_errors(generator, parts, tmp_path):
     tokenizer, layout, texture = parts
     with pytest.raises(ValueError, match=r"unknown class id\(s\) \[10\]"):

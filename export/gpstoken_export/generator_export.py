@@ -32,7 +32,6 @@ import torch.nn as nn
 import gpstoken
 from gpstoken.generation.models import SiT
 from gpstoken.generation.pipeline import GPSGenerator
-from gpstoken_core import sampling as core
 from gpstoken_core.files import atomic_folder
 from gpstoken_core.manifest import LAYOUT, TEXTURE, graph_entry, velocity_inputs, write_manifest
 
@@ -42,10 +41,6 @@ from .splat_function import ONNX_OPSET
 
 TOKENIZER_FOLDER = "tokenizer"
 BANK_FILE = "layout_bank.safetensors"
-SAMPLER_DEFAULTS = {  # GPSGenerator.generate's defaults (the official settings)
-    "sampler": "sde", "texture_steps": core.SDE_STEPS, "layout_steps": 5, "layout_sampler": "heun",
-    "cfg_scale": core.CFG_SCALE, "guidance": [core.GUIDANCE_LOW, core.GUIDANCE_HIGH], "layout_cfg_scale": 1.0,
-}
 
 
 class VelocityGraph(nn.Module):
@@ -184,7 +179,7 @@ def export_generator(generator: GPSGenerator, out: str | Path, dtype: str = "flo
             "tile": kc.tile,
             "s_min": generator.s_min,
             "stats": {name: _stats(m) for name, m in models.items()},
-            "sampler_defaults": dict(SAMPLER_DEFAULTS),
+            "sampler_defaults": dict(generator.sampler_defaults),
             "models": {name: m.config.to_dict() for name, m in models.items()},
         }
         if generator.layout_bank is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gpstoken_core import generation as stages
 from gpstoken_core import sampling as core
 
 
@@ -62,15 +63,8 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--num must be >= 1, got {args.num}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.sampler == "sde" and args.steps < 2:
-        raise ValueError(f"--steps must be >= 2 for the SDE sampler (one Euler-Maruyama step + the last step), got {args.steps}")
-    if args.layout_steps < 1:
-        raise ValueError(f"--layout-steps must be >= 1, got {args.layout_steps}")
     if args.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {args.seed}")
-    core.check_guidance(args.cfg, args.guidance_low, args.guidance_high)
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise FileExistsError(f"{args.out}: exists and is not empty; choose a new folder")
 
@@ -85,6 +79,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     gen = GPSGenerator.from_pretrained(args.model, device=args.device)
     gen._labels([args.class_id])  # unknown class: one line, before any sampling
+    d = gen.sampler_defaults  # flags not given take the generator's own settings
+    guidance = [d["guidance"][0] if args.guidance_low is None else args.guidance_low,
+                d["guidance"][1] if args.guidance_high is None else args.guidance_high]
+    o = stages.resolve_options(d, cfg_scale=args.cfg, guidance=guidance, layout_steps=args.layout_steps,
+                               texture_steps=args.steps, sampler=args.sampler)
+    steps, sampler = o["texture_steps"], o["sampler"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if sampler == "sde" and steps < 2:
+        raise ValueError(f"--steps must be >= 2 for the SDE sampler (one Euler-Maruyama step + the last step), got {steps}")
+    if o["layout_steps"] < 1:
+        raise ValueError(f"--layout-steps must be >= 1, got {o['layout_steps']}")
+    core.check_guidance(o["cfg_scale"], *o["guidance"])
     if gen.two_stage:
         source = "layout model" if gen.layout is not None else "layout bank"
     else:
@@ -100,19 +107,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             result = gen.generate(
                 [args.class_id] * len(batch),
                 seed=seed,
-                cfg_scale=args.cfg,
-                guidance=(args.guidance_low, args.guidance_high),
-                layout_steps=args.layout_steps,
-                texture_steps=args.steps,
-                sampler=args.sampler,
+                cfg_scale=o["cfg_scale"],
+                guidance=tuple(o["guidance"]),
+                layout_steps=o["layout_steps"],
+                texture_steps=o["texture_steps"],
+                sampler=o["sampler"],
                 progress=True,
             )
             for k, index in enumerate(batch):
                 name = f"class{args.class_id}_seed{args.seed}_{index:04d}.png"
                 _save_png(tmp / name, result.images[k])
                 header = (
-                    f"class {args.class_id}  sample {index}  seed {seed} (batch {j})  sampler {args.sampler} "
-                    f"{args.steps} steps  cfg {args.cfg:g} on t in [{args.guidance_low:g}, {args.guidance_high:g}]"
+                    f"class {args.class_id}  sample {index}  seed {seed} (batch {j})  sampler {o['sampler']} "
+                    f"{o['texture_steps']} steps  cfg {o['cfg_scale']:g} on t in [{o['guidance'][0]:g}, {o['guidance'][1]:g}]"
                 )
                 picture = pipeline_picture(result, k, source, header)
                 _save_png(tmp / "pipeline" / name, picture)
@@ -186,12 +193,14 @@ def register(sub) -> None:
     gen.add_argument("--out", type=Path, required=True, help="output folder for the PNGs (must be new or empty)")
     gen.add_argument("--seed", type=int, default=0, help="seed of batch 0; batch j uses seed + j (default 0)")
     gen.add_argument("--batch", type=int, default=8, help="images per sampler batch (default 8, as official)")
-    gen.add_argument("--cfg", type=float, default=core.CFG_SCALE, help=f"classifier-free guidance scale, >= 0; 1 = off (default {core.CFG_SCALE:g}, official)")
-    gen.add_argument("--guidance-low", type=float, default=core.GUIDANCE_LOW, help=f"CFG only from this t on, t = 0 noise (default {core.GUIDANCE_LOW:g}, official)")
-    gen.add_argument("--guidance-high", type=float, default=core.GUIDANCE_HIGH, help=f"CFG only up to this t (default {core.GUIDANCE_HIGH:g})")
-    gen.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde", help="texture sampler: sde (official Euler-Maruyama), or fixed-step ODE euler / heun (default sde)")
-    gen.add_argument("--steps", type=int, default=core.SDE_STEPS, help=f"texture sampler steps (default {core.SDE_STEPS}, the official SDE; heun: 2 model calls per step)")
-    gen.add_argument("--layout-steps", type=int, default=5, help="layout-model Heun ODE steps (default 5)")
+    model_default = "default: the generator's sampler.json, else"
+    gen.add_argument("--cfg", type=float, help=f"classifier-free guidance scale, >= 0; 1 = off ({model_default} {core.CFG_SCALE:g}, official)")
+    gen.add_argument("--guidance-low", type=float, help=f"CFG only from this t on, t = 0 noise ({model_default} {core.GUIDANCE_LOW:g}, official)")
+    gen.add_argument("--guidance-high", type=float, help=f"CFG only up to this t ({model_default} {core.GUIDANCE_HIGH:g})")
+    gen.add_argument("--sampler", choices=["sde", "euler", "heun"],
+                     help=f"texture sampler: sde (official Euler-Maruyama), or fixed-step ODE euler / heun ({model_default} sde)")
+    gen.add_argument("--steps", type=int, help=f"texture sampler steps ({model_default} {core.SDE_STEPS}, the official SDE; heun: 2 model calls per step)")
+    gen.add_argument("--layout-steps", type=int, help=f"layout-model Heun ODE steps ({model_default} 5)")
     gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
     gen.set_defaults(run=_cmd_generate)
 

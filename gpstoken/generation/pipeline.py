@@ -20,6 +20,7 @@ module adds the torch networks, the layout bank and the decoder.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 
 from gpstoken_core import generation as stages
 from gpstoken_core import sampling as core
-from gpstoken_core.files import atomic_folder
+from gpstoken_core.files import JSONFileError, atomic_folder, read_json
 
 from ..checkpoint import CheckpointError
 from ..tokenizer import GPSTokenizer, to_uint8
@@ -55,7 +56,11 @@ class GPSGenerator:
         layout: SiT | None = None,
         layout_bank: LayoutBank | None = None,
         s_min: int | None = None,
+        sampler_defaults: dict | None = None,
     ):
+        """``sampler_defaults``: the sampler settings of calls that do not give them (keys of
+        ``gpstoken_core.generation.OFFICIAL_SAMPLER_DEFAULTS``; the rest stay official). Saved as the
+        folder's sampler.json and carried into exports."""
         tc, kc = texture.config, tokenizer.config
         problems = []
         if tc.role not in ("texture", "onestage"):
@@ -86,6 +91,7 @@ class GPSGenerator:
         self.layout = None if layout is None else layout.eval()
         self.layout_bank = layout_bank
         self.s_min = int(s_min if s_min is not None else kc.min_region)  # Alg. 2 as the tokenizer's Alg. 1
+        self.sampler_defaults = stages.sampler_defaults(sampler_defaults)
 
     @property
     def two_stage(self) -> bool:
@@ -110,12 +116,25 @@ class GPSGenerator:
                 raise CheckpointError(f"{folder}: no {part}/ folder (a generator folder holds tokenizer/, texture/, optional layout/)")
         layout = SiT.from_pretrained(folder / "layout", device) if (folder / "layout").is_dir() else None
         bank = LayoutBank.load(folder / BANK_FILE) if (folder / BANK_FILE).exists() else None
+        defaults = None
+        if (folder / stages.SAMPLER_FILE).exists():
+            try:
+                defaults = read_json(folder / stages.SAMPLER_FILE)
+            except JSONFileError as err:
+                raise CheckpointError(str(err)) from None
+            if not isinstance(defaults, dict):
+                raise CheckpointError(f"{folder / stages.SAMPLER_FILE}: expected a JSON object of sampler settings")
+            try:
+                defaults = stages.sampler_defaults(defaults, where=str(folder / stages.SAMPLER_FILE))
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
         try:
             return cls(
                 SiT.from_pretrained(folder / "texture", device),
                 GPSTokenizer.from_pretrained(folder / "tokenizer", device),
                 layout,
                 bank,
+                sampler_defaults=defaults,
             )
         except ValueError as err:
             if isinstance(err, CheckpointError):
@@ -131,6 +150,8 @@ class GPSGenerator:
                 self.layout.save_pretrained(tmp / "layout")
             if self.layout_bank is not None:
                 self.layout_bank.save(tmp / BANK_FILE)
+            if self.sampler_defaults != stages.sampler_defaults():
+                (tmp / stages.SAMPLER_FILE).write_text(json.dumps(self.sampler_defaults, indent=1) + "\n")
         return Path(folder)
 
     def to(self, device) -> GPSGenerator:
@@ -179,13 +200,13 @@ class GPSGenerator:
         self,
         labels,
         seed: int = 0,
-        cfg_scale: float = core.CFG_SCALE,
-        guidance: tuple[float, float] = (core.GUIDANCE_LOW, core.GUIDANCE_HIGH),
-        layout_steps: int = 5,
-        texture_steps: int = core.SDE_STEPS,
-        sampler: str = "sde",
-        layout_sampler: str = "heun",
-        layout_cfg_scale: float = 1.0,
+        cfg_scale: float | None = None,
+        guidance: tuple[float, float] | None = None,
+        layout_steps: int | None = None,
+        texture_steps: int | None = None,
+        sampler: str | None = None,
+        layout_sampler: str | None = None,
+        layout_cfg_scale: float | None = None,
         g_init=None,
         calibrate: bool | None = None,
         progress: bool = False,
@@ -193,8 +214,9 @@ class GPSGenerator:
     ) -> Tokens:
         """Generate tokens for class ids ``labels`` (B,).
 
-        cfg_scale / guidance: CFG on the texture stage, active for guidance[0] <= t <= guidance[1] (t units;
-        official 1.5 and (0.2, 1.0)). sampler: "sde" (official Euler-Maruyama, ``texture_steps`` points) or
+        Options left None take the generator's ``sampler_defaults`` (official unless its folder's sampler.json
+        says otherwise). cfg_scale / guidance: CFG on the texture stage, active for guidance[0] <= t <= guidance[1]
+        (t units; official 1.5 and (0.2, 1.0)). sampler: "sde" (official Euler-Maruyama, ``texture_steps`` points) or
         the fixed-step ODEs "euler" / "heun". g_init: a given layout (B, L, 5) or (L, 5) for every label;
         ``calibrate`` runs Alg. 2 on it (default: only on the layout model's output). progress: a progress
         bar (stderr) over each stage's sampling steps. steps: ``texture_steps`` (the runtime's spelling).
@@ -209,13 +231,13 @@ class GPSGenerator:
         self,
         labels,
         seed: int = 0,
-        cfg_scale: float = core.CFG_SCALE,
-        guidance: tuple[float, float] = (core.GUIDANCE_LOW, core.GUIDANCE_HIGH),
-        layout_steps: int = 5,
-        texture_steps: int = core.SDE_STEPS,
-        sampler: str = "sde",
-        layout_sampler: str = "heun",
-        layout_cfg_scale: float = 1.0,
+        cfg_scale: float | None = None,
+        guidance: tuple[float, float] | None = None,
+        layout_steps: int | None = None,
+        texture_steps: int | None = None,
+        sampler: str | None = None,
+        layout_sampler: str | None = None,
+        layout_cfg_scale: float | None = None,
         g_init=None,
         calibrate: bool | None = None,
         progress: bool = False,
@@ -223,7 +245,13 @@ class GPSGenerator:
     ) -> Generation:
         """Every stage of a generation: the sampled and the calibrated layout, the tokens, the images.
         Options as ``sample_tokens``; ``decode=False`` skips the decoder (``images`` is None)."""
-        stages.check_options(sampler, cfg_scale, guidance, layout_cfg_scale, layout_steps, texture_steps)
+        o = stages.resolve_options(
+            self.sampler_defaults, cfg_scale=cfg_scale, guidance=guidance, layout_steps=layout_steps, texture_steps=texture_steps,
+            sampler=sampler, layout_sampler=layout_sampler, layout_cfg_scale=layout_cfg_scale,
+        )  # fmt: skip
+        cfg_scale, guidance, layout_steps, texture_steps = o["cfg_scale"], tuple(o["guidance"]), o["layout_steps"], o["texture_steps"]
+        sampler, layout_sampler, layout_cfg_scale = o["sampler"], o["layout_sampler"], o["layout_cfg_scale"]
+        stages.check_options(sampler, cfg_scale, guidance, layout_cfg_scale, layout_steps, texture_steps, layout_sampler)
         y = self._labels(labels)
         b = len(y)
         rng = core.pcg64(seed)

@@ -29,6 +29,14 @@ SIGMA_RANGE = (1e-5, 0.99999)  # official post-processing clamps
 RHO_LIMIT = 0.99999
 LAYOUT_CHANNELS = 5  # a Gaussian (sigma_x, sigma_y, rho, mu_x, mu_y)
 
+# The sampler settings a generator uses when a call does not give them: the official ones, unless the
+# generator folder's sampler.json (or an export's manifest, generator.sampler_defaults) says otherwise.
+SAMPLER_FILE = "sampler.json"
+OFFICIAL_SAMPLER_DEFAULTS = {
+    "sampler": "sde", "texture_steps": sampling.SDE_STEPS, "layout_steps": 5, "layout_sampler": "heun",
+    "cfg_scale": sampling.CFG_SCALE, "guidance": [sampling.GUIDANCE_LOW, sampling.GUIDANCE_HIGH], "layout_cfg_scale": 1.0,
+}  # fmt: skip
+
 # network(x (B, L, C), t (B,), y (B,) int64, cond (B, L, 5) or None) -> velocity (B, L, C)
 Network = Callable[[Array, Array, Array, "Array | None"], Array]
 
@@ -61,6 +69,28 @@ def check_options(sampler: str, cfg_scale: float, guidance: Sequence[float], lay
     sampling.check_guidance(layout_cfg_scale, 0.0, 1.0)
     check_steps("layout_steps", layout_steps, 1)
     check_steps("texture_steps", texture_steps, 2 if sampler == "sde" else 1)
+
+
+def sampler_defaults(given: dict | None = None, where: str = "sampler defaults") -> dict:
+    """The official sampler settings updated with ``given`` (a generator's own), checked; a ValueError names
+    ``where`` and the bad key."""
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(OFFICIAL_SAMPLER_DEFAULTS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(OFFICIAL_SAMPLER_DEFAULTS)}")
+    out = {**OFFICIAL_SAMPLER_DEFAULTS, **given}
+    out["guidance"] = [float(v) for v in out["guidance"]]
+    try:
+        check_options(out["sampler"], out["cfg_scale"], out["guidance"], out["layout_cfg_scale"], out["layout_steps"],
+                      out["texture_steps"], out["layout_sampler"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {err}") from None
+    return out
+
+
+def resolve_options(defaults: dict, **given) -> dict:
+    """A call's sampler options: each one given (not None) wins over the generator's ``defaults``."""
+    return {k: (defaults[k] if given.get(k) is None else given[k]) for k in OFFICIAL_SAMPLER_DEFAULTS}
 
 
 # ----------------------------------------------------------------------------- noise and guidance

@@ -49,7 +49,10 @@ class Generator:
         self.kind = s["kind"]
         self.num_classes, self.null_class = int(s["num_classes"]), int(s["null_class"])
         self.num_tokens, self.tile, self.s_min = int(s["num_tokens"]), int(s["tile"]), int(s["s_min"])
-        self.defaults = dict(s["sampler_defaults"])
+        try:
+            self.defaults = stages.sampler_defaults(s["sampler_defaults"], where=f"{folder}/manifest.json: field 'generator.sampler_defaults'")
+        except ValueError as err:
+            raise ExportError(str(err)) from None
         self._input_dtypes = {
             name: {k: np.dtype(io["dtype"]) for k, io in manifest["files"][name]["inputs"].items()} for name in graphs
         }
@@ -148,15 +151,12 @@ class Generator:
                  steps: int | None = None, sampler: str | None = None, layout_sampler: str | None = None,
                  layout_cfg_scale: float | None = None, decode: bool = True) -> Generation:
         """Every stage of a generation for class ids ``labels``; options default to the manifest's
-        ``sampler_defaults`` (the official settings). ``steps``: texture-stage steps (SDE points or ODE steps)."""
-        d = self.defaults
-        cfg_scale = d["cfg_scale"] if cfg_scale is None else cfg_scale
-        guidance = tuple(d["guidance"] if guidance is None else guidance)
-        layout_steps = d["layout_steps"] if layout_steps is None else layout_steps
-        steps = d["texture_steps"] if steps is None else steps
-        sampler = d["sampler"] if sampler is None else sampler
-        layout_sampler = d["layout_sampler"] if layout_sampler is None else layout_sampler
-        layout_cfg_scale = d["layout_cfg_scale"] if layout_cfg_scale is None else layout_cfg_scale
+        ``sampler_defaults`` (the generator's own, official unless it was saved with others). ``steps``: texture-stage steps (SDE points or ODE steps)."""
+        o = stages.resolve_options(self.defaults, cfg_scale=cfg_scale, guidance=guidance, layout_steps=layout_steps,
+                                   texture_steps=steps, sampler=sampler, layout_sampler=layout_sampler,
+                                   layout_cfg_scale=layout_cfg_scale)
+        cfg_scale, guidance, layout_steps, steps = o["cfg_scale"], tuple(o["guidance"]), o["layout_steps"], o["texture_steps"]
+        sampler, layout_sampler, layout_cfg_scale = o["sampler"], o["layout_sampler"], o["layout_cfg_scale"]
         stages.check_options(sampler, cfg_scale, guidance, layout_cfg_scale, layout_steps, steps, layout_sampler)
         y = stages.check_labels(labels, self.num_classes)
         b = len(y)

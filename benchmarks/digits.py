@@ -94,7 +94,8 @@ def curve(args) -> dict:
         steps = [s for s in steps if s in set(args.at)]
     if not steps:
         raise SystemExit(f"no common checkpoint steps in {args.layout}, {args.texture}, {args.one_stage}")
-    sample = {"cfg_scale": args.cfg, "sampler": args.sampler, "texture_steps": args.steps, "layout_cfg_scale": args.layout_cfg}
+    sample = {"cfg_scale": args.cfg, "sampler": args.sampler, "texture_steps": args.steps, "layout_cfg_scale": args.layout_cfg,
+              "guidance": (args.guidance_low, 1.0), "layout_steps": args.layout_steps}
     rows = []
     for s in steps:
         w = args.weights
@@ -105,7 +106,7 @@ def curve(args) -> dict:
             f"step {s}: two-stage acc {two['accuracy']:.3f} FD {two['frechet_distance']:.2f} | "
             f"one-stage acc {single['accuracy']:.3f} FD {single['frechet_distance']:.2f}", flush=True,
         )  # fmt: skip
-    report = {"sample": sample, "weights": args.weights, "num_per_class": args.num_per_class, "rows": rows}
+    report = {"sample": {**sample, "guidance": list(sample["guidance"])}, "weights": args.weights, "num_per_class": args.num_per_class, "rows": rows}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=1))
     plot_curve(rows, args.plot)
@@ -216,6 +217,8 @@ def main() -> None:
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="EMA or raw weights of each checkpoint")
     p.add_argument("--at", type=int, nargs="+", help="only these checkpoint steps (default: every common one)")
     p.add_argument("--layout-cfg", type=float, default=1.0, help="guidance scale of the layout stage (default 1.0)")
+    p.add_argument("--guidance-low", type=float, default=0.2, help="CFG from this t on (default 0.2, official; the shipped demo uses 0)")
+    p.add_argument("--layout-steps", type=int, default=5, help="layout Heun steps (default 5, official; the shipped demo uses 10)")
     p.add_argument("--report", type=Path, default=FIGURES / "digits_curve.json")
     p.add_argument("--plot", type=Path, default=FIGURES / "digits_curve.png")
     p = sub.add_parser("grid", help="generated digits, one row per class")

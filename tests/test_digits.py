@@ -176,3 +176,15 @@ def test_token_shard_sources_name_the_split():
         assert np.array_equal(found.arrays, images), source
     with pytest.raises(ShardDataError, match="unknown digits split"):
         labeled_images("digits:valid")
+
+
+def test_pipeline_picture_enlarges_small_images():
+    """32x32 digits are drawn at 192 px per panel (nearest), so ellipses and captions fit."""
+    from gpstoken.generation.pictures import PANEL_MIN, pipeline_picture
+    from gpstoken.generation.pipeline import GPSGenerator
+
+    result = GPSGenerator.from_pretrained(digits.SHIPPED).generate([5], seed=0)
+    picture = np.asarray(pipeline_picture(result, 0, header="class 5").convert("RGB"))
+    zoom = PANEL_MIN // digits.SIZE
+    assert picture.shape[1] == 4 * PANEL_MIN + 3 * 4, picture.shape
+    np.testing.assert_array_equal(picture[-PANEL_MIN:, -PANEL_MIN:], np.kron(result.images[0], np.ones((zoom, zoom, 1), np.uint8)))

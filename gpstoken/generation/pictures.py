@@ -17,6 +17,7 @@ CANVAS = 236  # grey of the layout panels
 LAYOUT_COLOR = (30, 90, 200)
 CALIBRATED_COLOR = (0, 130, 60)
 REFINED_COLOR = (255, 60, 60)
+PANEL_MIN = 192  # small images (the 32x32 digits) are enlarged to this, so ellipses and captions fit
 
 
 def pipeline_picture(gen: Generation, k: int, source: str = "layout model", header: str = "") -> Image.Image:
@@ -25,6 +26,8 @@ def pipeline_picture(gen: Generation, k: int, source: str = "layout model", head
     ``source`` names where the sampled layout came from ("layout model", "layout bank", "given").
     """
     image = gen.images[k]
+    zoom = max(1, -(-PANEL_MIN // max(image.shape[:2])))  # nearest-neighbour, ellipses drawn at the panel size
+    image = np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1)
     h, w = image.shape[:2]
     canvas = np.full((h, w, 3), CANVAS, np.uint8)
     dimmed = (image.astype(np.float32) * 0.55 + 255 * 0.45).astype(np.uint8)  # ellipses stay visible on any image
@@ -45,7 +48,7 @@ def pipeline_picture(gen: Generation, k: int, source: str = "layout model", head
         titles.append("1. g (one-stage model)")
     pictures.append(Image.fromarray(image))
     titles.append(f"{len(pictures)}. image, class {label}")
-    body = panels(pictures, titles, scale=2 if max(h, w) <= 128 else 1)
+    body = panels(pictures, titles)
     if not header:
         return body
     line = 18

@@ -144,15 +144,18 @@ def plot_curve(rows: list[dict], path: Path) -> None:
         draw.text((x0 + pad, 8), title, fill="black")
         for v in np.linspace(lo, hi, 5):
             draw.text((x0 + 4, sy(v) - 6), f"{v:.2f}" if hi <= 1 else f"{v:.1f}", fill="black")
-        for s in steps:
-            draw.text((sx(s) - 10, h - pad + 6), str(s), fill="black")
+        shown = -1e9
+        for s in steps:  # labels that would overlap the previous one are left out
+            if sx(s) - shown >= 30:
+                draw.text((sx(s) - 10, h - pad + 6), str(s), fill="black")
+                shown = sx(s)
         draw.text((x0 + w // 2 - 30, h - 18), "training steps", fill="black")
         for k, (name, color) in enumerate(colors.items()):
             pts = [(sx(r["step"]), sy(r[name][key])) for r in rows]
             draw.line(pts, fill=color, width=2)
             for p in pts:
                 draw.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
-            draw.text((x0 + w - pad - 70, 30 + 14 * k), name.replace("_", "-"), fill=color)
+            draw.text((x0 + w - 140 + 70 * k, 8), name.replace("_", "-"), fill=color)  # legend in the title row
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     print(f"plot -> {path}")

@@ -124,6 +124,7 @@ class DeviceContext:
         ctypes values in the kernel's parameter order (pointers as c_void_p)."""
         if n == 0:
             return
+        check_cuda(self.cudart.cudaSetDevice(self.device), "cudaSetDevice")  # the current device is per thread
         holders = [a if isinstance(a, ctypes._SimpleCData) else ctypes.c_void_p(a) for a in args]
         params = np.array([ctypes.addressof(h) for h in holders], dtype=np.uint64)
         blocks = min(MAX_BLOCKS, (n + THREADS - 1) // THREADS)
@@ -149,6 +150,7 @@ class DeviceContext:
     def upload(self, array: np.ndarray) -> DeviceArray:
         """A device copy of a host array (a synchronous copy: the host array may change right after)."""
         array = np.ascontiguousarray(array)
+        check_cuda(self.cudart.cudaSetDevice(self.device), "cudaSetDevice")
         out = self.empty(array.shape, array.dtype)
         check_cuda(self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         kind = self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -221,6 +223,7 @@ class DeviceArray:
         """The array on the host (waits for the stream)."""
         out = np.empty(self.shape, self.dtype)
         cudart = self.ctx.cudart
+        check_cuda(cudart.cudaSetDevice(self.ctx.device), "cudaSetDevice")
         check_cuda(cudart.cudaStreamSynchronize(self.ctx.stream), "cudaStreamSynchronize")
         kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         check_cuda(cudart.cudaMemcpy(out.ctypes.data, self.ptr, self.nbytes, kind), "cudaMemcpy")

@@ -53,6 +53,68 @@ def test_cpp_partition_equals_python_reference(name):
         )
 
 
+@pytest.fixture
+def portable_kernel():
+    """Runs the test on the portable entropy kernel, then restores the run-time choice."""
+    previous = native.use_simd(False)
+    yield
+    native.use_simd(previous)
+
+
+def edge_image() -> np.ndarray:
+    """Columns of multiples of a quarter histogram step (11/512, exact in binary): on a 64x64 region (no
+    resize) the Sobel magnitudes land exactly on bin edges, and above the histogram's range where the
+    columns jump, which is where binning can go wrong."""
+    quarter = 11 / 512 / 4
+    k = np.random.default_rng(3).integers(0, 40, 64).cumsum() % 200
+    k[40:44] = [0, 300, 0, 300]  # magnitudes > 5.5: outside the histogram
+    return np.tile(k * quarter, (64, 1))
+
+
+def test_entropy_kernels_agree_bit_for_bit_and_with_reference(portable_kernel):
+    """The AVX2 build (when this CPU has it) and the portable build give the same complexity to the bit,
+    and both match numpy.histogram's binning (the reference) on magnitudes that sit exactly on bin edges."""
+    rng = np.random.default_rng(1)
+    greys = [reference.grey01(photo("astronaut")), rng.random((256, 256)), edge_image()]
+    boxes = [(0, 0, 63, 63), (0, 0, 255, 255), (3, 10, 40, 17), (100, 100, 100, 100), (0, 0, 7, 200), (5, 9, 70, 12)]
+    boxes += [tuple(int(v) for v in b) for b in rng.integers(0, 60, (20, 2)).repeat(2, 1) + np.r_[0, 0, 1, 1] * rng.integers(0, 190, (20, 4))]
+    for grey in greys:
+        for box in boxes:
+            if box[2] >= grey.shape[1] or box[3] >= grey.shape[0]:
+                continue
+            native.use_simd(False)
+            portable = native.region_complexity(grey, list(box), 2.5)
+            native.use_simd(True)
+            fast = native.region_complexity(grey, list(box), 2.5)
+            assert fast == portable, f"box {box}: AVX2 {fast!r} != portable {portable!r}"
+            if box in [(0, 0, 63, 63), (3, 10, 40, 17), (0, 0, 7, 200)]:
+                assert portable == pytest.approx(reference.complexity(grey, box, 2.5), rel=1e-12), box
+
+
+@pytest.mark.parametrize("simd", [False, True])
+def test_histogram_bins_follow_numpy_at_every_edge(simd):
+    """Each bin edge of the entropy histogram, the doubles just below and above it, the range's end,
+    beyond it and NaN: the bin numpy.histogram puts each in (its edge corrections decide most of these)."""
+    edges = np.linspace(-5.5, 5.5, 513)[256:]
+    values = np.concatenate([edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf), [0.0, 5.5, 6.0, 1e300, np.nan]])
+    values = np.concatenate([values, np.random.default_rng(0).random(1001) * 6])  # odd length: a scalar tail
+    previous = native.use_simd(simd)
+    try:
+        got = native.histogram_bins(values)
+    finally:
+        native.use_simd(previous)
+    expected = np.array([np.flatnonzero(np.histogram([v], bins=512, range=(-5.5, 5.5))[0]) for v in values], dtype=object)
+    expected = np.array([e[0] if len(e) else 512 for e in expected])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_portable_kernel_partitions_like_the_reference(portable_kernel):
+    image = photo("chelsea")
+    grey = reference.grey01(image)
+    for tokens in (64, 256):
+        np.testing.assert_array_equal(partition(image, tokens).boxes, reference.partition(grey, tokens))
+
+
 @pytest.mark.parametrize("name", PHOTOS)
 def test_partition_tiles_photo_exactly_with_requested_count(name):
     for tokens in (1, 7, 100, 1024):

@@ -132,6 +132,23 @@ PYBIND11_MODULE(_gpstoken_partition, m) {
       },
       py::arg("grey"), py::arg("box"), py::arg("lam"), py::arg("priority") = py::none());
 
+  m.def("simd_available", &simd_available, "Whether this CPU runs the AVX2 build of the entropy kernel");
+  m.def("use_simd", &use_simd, py::arg("enabled"),
+        "Use the AVX2 entropy kernel (when available) or the portable one; returns the previous choice. "
+        "Both give identical results (tests compare them).");
+
+  m.def(
+      "histogram_bins",
+      [](GreyArray magnitudes) {
+        if (magnitudes.ndim() != 1) throw py::value_error("magnitudes must be 1-D");
+        py::array_t<int32_t> out(magnitudes.shape(0));
+        histogram_bins(magnitudes.data(), int(magnitudes.shape(0)), out.mutable_data());
+        return out;
+      },
+      py::arg("magnitudes"),
+      "Bins of the entropy histogram (numpy.histogram over 512 bins of (-5.5, 5.5)) for magnitudes >= 0; "
+      "out of range -> 512");
+
   m.def("max_tokens", &max_tokens, py::arg("height"), py::arg("width"), py::arg("min_size"),
         "The largest token count every split sequence of an HxW tile reaches with min_size");
 

@@ -46,6 +46,16 @@ class GreyImage {
   std::vector<double> priority_integral_;  // (H+1) x (W+1) summed-area table
 };
 
+// The entropy kernel has a portable build and an AVX2 build, chosen at run time (no -march flags in the
+// wheel); both give the same bits. simd_available: this CPU can run the AVX2 one. use_simd: pick it (when
+// available) or the portable one for every thread; returns the previous choice. Tests compare the two.
+bool simd_available();
+bool use_simd(bool enabled);
+
+// The entropy's histogram bins (numpy.histogram(v, 512, (-5.5, 5.5)), edge rules included) of `count`
+// magnitudes (>= 0 or NaN); out of range -> 512. Exposed so that tests can probe the bin edges.
+void histogram_bins(const double* magnitude, int count, int* bins);
+
 // The largest token count a tile of this size can reach with min_size (every region "small").
 int max_tokens(int height, int width, int min_size);
 

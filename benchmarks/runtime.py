@@ -1,37 +1,80 @@
 """Encode + decode: torch eager (GPSTokenizer) vs the slim runtime on ONNX Runtime, same weights, one run.
 
-    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8]
+    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8] [--precisions fp32 int8]
 
 Latency at batch 1 and throughput at batch 8 on 256x256 photos, for the tiny model and M128 (random
-weights: timing only). Both sides include the partition; outputs are checked to agree before timing.
+weights: timing only). Both sides include the partition. Each side is timed in a process of its own
+(ONNX Runtime's worker threads spin after a run and torch's OpenMP threads wait actively too: either would
+slow the other in one process). Outputs are compared in the parent: max |diff| in grey levels against
+torch eager. With ``--flops`` the table also shows the FLOPs per image (from the graphs) and the achieved
+GFLOP/s next to this CPU's float32 GEMM peak (``benchmarks/flops.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from gpstoken_export.export import export_model
-from gpstoken_runtime import Tokenizer
-
-import gpstoken
-from gpstoken_core.imageio import bundled_photo, center_crop_resize
-from timing import median_ms
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "camera", "coins", "brick")
+HERE = Path(__file__).resolve().parent
 
 
 def photos(n: int) -> np.ndarray:
     import skimage.data
 
+    from gpstoken_core.imageio import bundled_photo, center_crop_resize, to_rgb_uint8
+
     out = []
     for name in PHOTOS[:n]:
         image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else bundled_photo(name)
-        out.append(center_crop_resize(gpstoken_core.imageio.to_rgb_uint8(image), 256))
+        out.append(center_crop_resize(to_rgb_uint8(image), 256))
     return np.stack(out)
+
+
+def time_side(side: str, model: str, folder: Path, precision: str, batch: int, repeats: int, out: Path) -> float:
+    """Median ms of one reconstruct call of ``batch`` photos, measured in a fresh process; its output
+    is saved to ``out`` (.npy)."""
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", side, model, str(folder), precision, str(batch), str(repeats), str(out)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])},
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"{side} {model} batch {batch} failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def child(side: str, model: str, folder: str, precision: str, batch: int, repeats: int, out: str) -> None:
+    from timing import median_ms
+
+    images = photos(batch)
+    if side == "torch":
+        import torch
+
+        import gpstoken
+
+        net = gpstoken.GPSTokenizer.from_pretrained(folder + "/torch")
+        net.eval()
+
+        def run():
+            with torch.inference_mode():
+                return gpstoken.to_uint8(net.reconstruct(images))
+    else:
+        from gpstoken_runtime import Tokenizer
+
+        tok = Tokenizer.load(folder + "/" + precision)
+
+        def run():
+            return tok.reconstruct(images)
+
+    np.save(out, run())
+    print(median_ms(run, repeats))
 
 
 def main() -> None:
@@ -39,34 +82,64 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--models", nargs="+", default=["tiny", "m128"], help="configs to time (default: tiny m128)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8"],
+                        help="runtime exports to time (default: fp32; int8 is calibrated on held-out photos)")
+    parser.add_argument("--flops", action="store_true", help="add FLOPs per image and GFLOP/s vs the GEMM peak")
+    parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        side, model, folder, precision, batch, repeats, out = args.child
+        return child(side, model, folder, precision, int(batch), int(repeats), out)
+
+    import torch
+    from gpstoken_export.export import export_model
+
+    import gpstoken
+
     repeats = 3 if args.quick else 7
-    batch8 = photos(max(args.batches))
-    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), 256x256, encode + decode incl. partition\n")
-    print("| model | batch | torch eager (ms) | runtime, ONNX Runtime (ms) | speed-up | images/s torch | images/s runtime | max |diff| (grey levels) |")
-    print("|---|---|---|---|---|---|---|---|")
+    peak = None
+    if args.flops:
+        from flops import gemm_peak_gflops, tokenizer_flops
+
+        peak = gemm_peak_gflops()
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), 256x256, encode + decode incl. partition, "
+          "each side in its own process" + (f"; float32 GEMM peak {peak:.0f} GFLOP/s (numpy, all cores)" if peak else "") + "\n")
+    head = "| model | precision | batch | torch eager (ms) | runtime (ms) | speed-up | images/s torch | images/s runtime | max |diff| vs torch (grey levels) |"
+    if peak:
+        head += " GFLOP per image | GFLOP/s torch | GFLOP/s runtime | runtime / GEMM peak |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
     for name in args.models:
         torch.manual_seed(0)
         model = gpstoken.GPSTokenizer(name).eval()
         with tempfile.TemporaryDirectory() as tmp:
-            runtime = Tokenizer.load(export_model(model, Path(tmp) / name))
+            folder = Path(tmp)
+            model.save_pretrained(folder / "torch")
+            for precision in args.precisions:
+                if precision == "fp32":
+                    export_model(model, folder / "fp32")
+                else:
+                    from gpstoken_export.quantize import quantize_export
+
+                    export_model(model, folder / "fp32-src")
+                    quantize_export(folder / "fp32-src", folder / precision)
+            gflop = None
+            if peak:
+                counts = tokenizer_flops(folder / "fp32", photos(1)[0])
+                gflop = sum(sum(v.values()) for v in counts.values()) / 1e9
             for batch in args.batches:
-                images = batch8[:batch]
-
-                def eager():
-                    with torch.inference_mode():
-                        return gpstoken.to_uint8(model.reconstruct(images))
-
-                def slim():
-                    return runtime.reconstruct(images)
-
-                diff = int(np.abs(eager().astype(int) - slim().astype(int)).max())
                 reps = repeats if (name == "tiny" or batch == 1) else max(2, repeats // 3)
-                t_eager, t_slim = median_ms(eager, reps), median_ms(slim, reps)
-                print(
-                    f"| {name} | {batch} | {t_eager:.0f} | {t_slim:.0f} | {t_eager / t_slim:.2f}x | "
-                    f"{1000 * batch / t_eager:.1f} | {1000 * batch / t_slim:.1f} | {diff} |"
-                )
+                t_torch = time_side("torch", name, folder, "fp32", batch, reps, folder / "torch.npy")
+                reference = np.load(folder / "torch.npy").astype(int)
+                for precision in args.precisions:
+                    t_rt = time_side("runtime", name, folder, precision, batch, reps, folder / "rt.npy")
+                    diff = int(np.abs(reference - np.load(folder / "rt.npy").astype(int)).max())
+                    row = (f"| {name} | {precision} | {batch} | {t_torch:.0f} | {t_rt:.0f} | {t_torch / t_rt:.2f}x | "
+                           f"{1000 * batch / t_torch:.1f} | {1000 * batch / t_rt:.1f} | {diff} |")
+                    if gflop:
+                        row += (f" {gflop:.1f} | {gflop * batch / t_torch * 1000:.0f} | {gflop * batch / t_rt * 1000:.0f} | "
+                                f"{gflop * batch / t_rt * 1000 / peak:.0%} |")
+                    print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--plugin", type=Path, help="libgpstoken_trt.so for --backend tensorrt (default: $GPSTOKEN_TRT_PLUGIN)")
     rec.add_argument("--device", default="cpu", help="cpu or cuda (needs onnxruntime-gpu); tensorrt always runs on cuda")
     rec.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    rec.add_argument("--precision", choices=["float", "int8"], default=None,
+                     help="int8: the export's int8 variant (MODEL/int8, from `gpstoken export --int8`); default: the export as it is")
     rec.add_argument("--out", type=Path, default=Path("reconstruction.png"), help="output picture (default reconstruction.png)")
     gen = sub.add_parser("generate", help="sample images of a class from a `gpstoken export-generator` folder; writes PNGs")
     gen.add_argument("--model", required=True, type=Path, help="generator export folder (manifest.json with a generator section)")
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = {"plugin_library": args.plugin} if args.backend == "tensorrt" else {}
-        tok = Tokenizer.load(args.model, backend=args.backend, device=args.device, threads=args.threads, **options)
+        tok = Tokenizer.load(args.model, backend=args.backend, device=args.device, threads=args.threads,
+                             precision=args.precision, **options)
         image = imageio.load_image(args.image)
         size = tok.image_size if args.size is None else parse_image_size(args.size, allow_keep=True)
         if size is not None:

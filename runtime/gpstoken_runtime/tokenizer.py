@@ -55,10 +55,24 @@ class Tokenizer:
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
-             **backend_options) -> Tokenizer:
-        """Load every graph of an export folder on ``backend`` (onnxruntime, tensorrt)."""
+             precision: str | None = None, **backend_options) -> Tokenizer:
+        """Load every graph of an export folder on ``backend`` (onnxruntime, tensorrt).
+
+        ``precision="int8"``: the folder's int8 variant (``FOLDER/int8``, written by ``gpstoken export --int8``
+        or ``python -m gpstoken_export.quantize``: int8 convolutions in the decoder, for ONNX Runtime on the
+        CPU); None or "float": the folder as it is."""
         folder = Path(folder)
         manifest = read_manifest(folder)
+        if precision not in (None, "float", "int8"):
+            raise ValueError(f"unknown precision {precision!r} (float or int8)")
+        if precision == "int8" and manifest.get("precision") != "int8":
+            variant = folder / "int8"
+            if not (variant / "manifest.json").exists():
+                raise FileNotFoundError(f"{folder}: no int8 variant ({variant} is missing); make it with "
+                                        f"`python -m gpstoken_export.quantize {folder}` or `gpstoken export --int8`")
+            folder, manifest = variant, read_manifest(variant)
+            if manifest.get("precision") != "int8":
+                raise ValueError(f"{folder}/manifest.json: field 'precision' is not 'int8'")
         return cls(folder, manifest, load_graphs(folder, manifest, backend, device, threads, **backend_options))
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -1,0 +1,91 @@
+"""The int8 variant of an export (ONNX Runtime static quantization of the decoder's convolutions): what is
+quantized and what stays float, its quality against the stated bound on held-out photos, how the runtime
+selects it, and refusals."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from gpstoken_export.export import export_model
+from gpstoken_export.quantize import QUALITY_BOUND_DB, held_out_images, quantize_export
+from gpstoken_runtime import Tokenizer
+
+import gpstoken
+from gpstoken_core.manifest import read_manifest
+
+SHIPPED = Path(gpstoken.__file__).parent / "weights" / "tiny"
+QDQ = {"QuantizeLinear", "DequantizeLinear"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    folder = export_model(gpstoken.GPSTokenizer.from_pretrained(SHIPPED), tmp_path_factory.mktemp("q") / "tiny")
+    quantize_export(folder)
+    return folder
+
+
+def op_counts(path: Path) -> Counter:
+    model = onnx.load(str(path))
+    counts = Counter(n.op_type for n in model.graph.node)
+    for function in model.functions:  # the splat's local function
+        counts.update(f"{function.name}/{n.op_type}" for n in function.node)
+    return counts
+
+
+def test_only_the_decoder_convolutions_are_int8(exported):
+    manifest = read_manifest(exported / "int8")
+    assert manifest["precision"] == "int8" and manifest["quantization"]["graphs"] == ["decoder"]
+    fp32, int8 = op_counts(exported / "decoder.onnx"), op_counts(exported / "int8" / "decoder.onnx")
+    # Every float node is still there (splat function, norms, activations, adds, upsampling) ...
+    assert Counter({k: v for k, v in int8.items() if k not in QDQ}) == fp32
+    # ... and each Conv has its int8 weight and uint8 input/output: Q/DQ pairs only around Conv nodes.
+    model = onnx.load(str(exported / "int8" / "decoder.onnx"))
+    producers = {out: n for n in model.graph.node for out in n.output}
+    initializers = {i.name: i for i in model.graph.initializer}
+    for conv in (n for n in model.graph.node if n.op_type == "Conv"):
+        x, w = producers[conv.input[0]], producers[conv.input[1]]
+        assert x.op_type == "DequantizeLinear" and w.op_type == "DequantizeLinear"
+        assert initializers[w.input[0]].data_type == onnx.TensorProto.INT8
+        assert initializers[x.input[2]].data_type == onnx.TensorProto.UINT8  # activation zero point
+    for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
+        consumers = [n for n in model.graph.node if q.output[0] in n.input]
+        assert all(c.op_type == "DequantizeLinear" for c in consumers)
+    # The encoder is copied unchanged.
+    assert (exported / "encoder.onnx").read_bytes() == (exported / "int8" / "encoder.onnx").read_bytes()
+
+
+def psnr(a, b) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def test_int8_costs_at_most_the_stated_psnr_bound_on_held_out_photos(exported):
+    fp32 = Tokenizer.load(exported)
+    int8 = Tokenizer.load(exported, precision="int8")
+    assert int8.folder == exported / "int8"
+    photos = held_out_images(256)
+    assert len(photos) == 2
+    for i, photo in enumerate(photos):
+        a, b = fp32.reconstruct(photo[None])[0], int8.reconstruct(photo[None])[0]
+        change = psnr(photo, b) - psnr(photo, a)
+        assert change >= -QUALITY_BOUND_DB, f"held-out photo {i}: int8 costs {-change:.2f} dB (> {QUALITY_BOUND_DB})"
+        assert 0 < np.abs(a.astype(int) - b.astype(int)).max() < 64  # it is int8 (differs), and not broken
+        recorded = read_manifest(exported / "int8")["quantization"]["held_out_quality"][i]["change_db"]
+        assert recorded == pytest.approx(change, abs=2e-3)
+
+
+def test_runtime_selects_variants_and_refuses_what_is_not_there(exported, tmp_path):
+    assert Tokenizer.load(exported).folder == exported
+    assert Tokenizer.load(exported / "int8", precision="int8").folder == exported / "int8"
+    bare = export_model(gpstoken.GPSTokenizer("tiny").eval(), tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match="no int8 variant.*gpstoken_export.quantize"):
+        Tokenizer.load(bare, precision="int8")
+    with pytest.raises(ValueError, match="unknown precision"):
+        Tokenizer.load(exported, precision="int4")
+    with pytest.raises(ValueError, match="already an int8 export"):
+        quantize_export(exported / "int8", tmp_path / "again")
+    with pytest.raises(FileExistsError):
+        quantize_export(exported)  # the variant exists; replace=True overwrites it

@@ -104,11 +104,12 @@ def main() -> None:
         peak = gemm_peak_gflops()
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), 256x256, encode + decode incl. partition, "
           "each side in its own process" + (f"; float32 GEMM peak {peak:.0f} GFLOP/s (numpy, all cores)" if peak else "") + "\n")
-    head = "| model | precision | batch | torch eager (ms) | runtime (ms) | speed-up | images/s torch | images/s runtime | max |diff| vs torch (grey levels) |"
+    columns = ["model", "precision", "batch", "torch eager (ms)", "runtime (ms)", "speed-up", "images/s torch",
+               "images/s runtime", "max abs diff vs torch (grey levels)"]
     if peak:
-        head += " GFLOP per image | GFLOP/s torch | GFLOP/s runtime | runtime / GEMM peak |"
-    print(head)
-    print("|" + "---|" * (head.count("|") - 1))
+        columns += ["GFLOP per image", "GFLOP/s torch", "GFLOP/s runtime", "runtime / GEMM peak"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for name in args.models:
         torch.manual_seed(0)
         model = gpstoken.GPSTokenizer(name).eval()

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from skimage.metrics import structural_similarity
 from gpstoken_export.export import export_model
-from gpstoken_export.quantize import QUALITY_BOUND_DB, held_out_images, quantize_export
+from gpstoken_export.quantize import QUALITY_BOUND_DB, SSIM_BOUND, held_out_images, quantize_export
 from gpstoken_runtime import Tokenizer
 
 import gpstoken
@@ -19,6 +20,7 @@ from gpstoken_core.manifest import read_manifest
 
 SHIPPED = Path(gpstoken.__file__).parent / "weights" / "tiny"
 QDQ = {"QuantizeLinear", "DequantizeLinear"}
+SSIM = dict(data_range=255, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +38,31 @@ def op_counts(path: Path) -> Counter:
     return counts
 
 
-def test_only_the_decoder_convolutions_are_int8(exported):
+def test_only_the_decoder_convolutions_below_output_resolution_are_int8(exported):
     manifest = read_manifest(exported / "int8")
     assert manifest["precision"] == "int8" and manifest["quantization"]["graphs"] == ["decoder"]
+    last = len(manifest["model_config"]["decoder"]["channel_mult"]) - 1
     fp32, int8 = op_counts(exported / "decoder.onnx"), op_counts(exported / "int8" / "decoder.onnx")
     # Every float node is still there (splat function, norms, activations, adds, upsampling) ...
     assert Counter({k: v for k, v in int8.items() if k not in QDQ}) == fp32
-    # ... and each Conv has its int8 weight and uint8 input/output: Q/DQ pairs only around Conv nodes.
+    # ... each Conv below the output resolution has its int8 weight and uint8 input, those at the output
+    # resolution (last stage, conv_out) stay float; Q/DQ pairs only around quantized Conv nodes.
     model = onnx.load(str(exported / "int8" / "decoder.onnx"))
     producers = {out: n for n in model.graph.node for out in n.output}
     initializers = {i.name: i for i in model.graph.initializer}
+    quantized = 0
     for conv in (n for n in model.graph.node if n.op_type == "Conv"):
+        at_output = conv.name.startswith((f"/decoder/stages.{last}/", "/decoder/conv_out/"))
+        if at_output:
+            assert conv.input[1] in initializers and initializers[conv.input[1]].data_type == onnx.TensorProto.FLOAT
+            continue
         x, w = producers[conv.input[0]], producers[conv.input[1]]
         assert x.op_type == "DequantizeLinear" and w.op_type == "DequantizeLinear"
         assert initializers[w.input[0]].data_type == onnx.TensorProto.INT8
         assert initializers[x.input[2]].data_type == onnx.TensorProto.UINT8  # activation zero point
+        quantized += 1
+    assert quantized >= 10 and sorted(manifest["quantization"]["kept_float"]["decoder"]) == sorted(
+        n.name for n in model.graph.node if n.op_type == "Conv" and n.name.startswith((f"/decoder/stages.{last}/", "/decoder/conv_out/")))
     for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
         consumers = [n for n in model.graph.node if q.output[0] in n.input]
         assert all(c.op_type == "DequantizeLinear" for c in consumers)
@@ -62,7 +74,7 @@ def psnr(a, b) -> float:
     return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
-def test_int8_costs_at_most_the_stated_psnr_bound_on_held_out_photos(exported):
+def test_int8_costs_at_most_the_stated_bounds_on_held_out_photos(exported):
     fp32 = Tokenizer.load(exported)
     int8 = Tokenizer.load(exported, precision="int8")
     assert int8.folder == exported / "int8"
@@ -72,6 +84,8 @@ def test_int8_costs_at_most_the_stated_psnr_bound_on_held_out_photos(exported):
         a, b = fp32.reconstruct(photo[None])[0], int8.reconstruct(photo[None])[0]
         change = psnr(photo, b) - psnr(photo, a)
         assert change >= -QUALITY_BOUND_DB, f"held-out photo {i}: int8 costs {-change:.2f} dB (> {QUALITY_BOUND_DB})"
+        ssim_change = structural_similarity(photo, b, **SSIM) - structural_similarity(photo, a, **SSIM)
+        assert ssim_change >= -SSIM_BOUND, f"held-out photo {i}: int8 costs {-ssim_change:.3f} SSIM (> {SSIM_BOUND})"
         assert 0 < np.abs(a.astype(int) - b.astype(int)).max() < 64  # it is int8 (differs), and not broken
         recorded = read_manifest(exported / "int8")["quantization"]["held_out_quality"][i]["change_db"]
         assert recorded == pytest.approx(change, abs=2e-3)

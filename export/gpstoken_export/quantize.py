@@ -4,12 +4,15 @@ convolutions, calibrated on photos.
     python -m gpstoken_export.quantize EXPORT            # writes EXPORT/int8/ (or: gpstoken export --int8)
     Tokenizer.load(EXPORT, precision="int8")             # the runtime picks the variant
 
-What is int8 and what is not: every Conv of the decoder graphs gets int8 weights (per output channel,
-symmetric) and uint8 activations (per tensor, min/max calibrated on the decoder inputs of the calibration
-photos); the splat, the normalizations, activations, residual adds and upsampling stay float32 (ONNX
-Runtime runs each quantized Conv as one QLinearConv between a QuantizeLinear and a DequantizeLinear).
-The encoder stays float32: its outputs are the Gaussians' positions and shapes, and int8 there cost
-3 dB on a held-out photo while saving little time (its convolutions are a small part of the FLOPs).
+What is int8 and what is not: the decoder's convolutions below the output resolution get int8 weights
+(per output channel, symmetric) and uint8 activations (per tensor, min/max calibrated on the decoder
+inputs of the calibration photos); the splat, the normalizations, activations, residual adds and
+upsampling stay float32 (ONNX Runtime runs each quantized Conv as one QLinearConv between a
+QuantizeLinear and a DequantizeLinear). The convolutions at the output resolution (the last stage and
+conv_out) stay float32 by default: int8 there adds visible noise (SSIM -0.05 to -0.07 on the held-out
+photos with the shipped model, vs < 0.01 without) for ~3% of the time on M128 (``all_convs=True``
+quantizes them too). The encoder stays float32: its outputs are the Gaussians' positions and shapes, and
+int8 convolutions there cost 3 dB on a held-out photo.
 
 The quality cost is measured when the variant is written (PSNR against the photo, fp32 vs int8, on
 held-out photos) and recorded in its manifest; ``QUALITY_BOUND_DB`` is the bound this project states for
@@ -19,7 +22,6 @@ it, checked by the tests on the shipped model.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 
@@ -28,11 +30,14 @@ import numpy as np
 from gpstoken_core.files import atomic_folder, sha256_file
 from gpstoken_core.imageio import bundled_photo, center_crop_resize
 from gpstoken_core.manifest import ENCODER, read_manifest, write_manifest
+from gpstoken_core.metrics import psnr, ssim
 
 INT8_FOLDER = "int8"
 QUANTIZED_OPS = ("Conv",)
-# Largest PSNR drop (dB, against the input photo) the int8 variant may cost vs float32 on held-out photos.
+# Largest PSNR drop (dB) and SSIM drop (both against the input photo) the int8 variant may cost vs float32
+# on held-out photos (default quantization, stated in the README, tested on the shipped model).
 QUALITY_BOUND_DB = 0.3
+SSIM_BOUND = 0.02
 CALIBRATION_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "brick", "cat")
 
 
@@ -46,11 +51,6 @@ def held_out_images(size: int) -> list[np.ndarray]:
     from sklearn.datasets import load_sample_images
 
     return [center_crop_resize(image, size) for image in load_sample_images().images]
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def _record_feeds(tokenizer, images: list[np.ndarray]) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -74,7 +74,18 @@ def _record_feeds(tokenizer, images: list[np.ndarray]) -> dict[str, list[dict[st
     return seen
 
 
-def _quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+def output_resolution_convs(path: Path, manifest: dict) -> list[str]:
+    """Names of the decoder graph's Conv nodes at the output resolution: the last up-sampling stage and
+    conv_out (our decoder's module names, which the ONNX node names carry)."""
+    import onnx
+
+    last = len(manifest["model_config"]["decoder"]["channel_mult"]) - 1
+    prefixes = (f"/decoder/stages.{last}/", "/decoder/conv_out/")
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "Conv" and n.name.startswith(prefixes)]
+
+
+def _quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], keep_float: list[str]) -> None:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -87,24 +98,26 @@ def _quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray
     quantize_static(
         str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS),
         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax,
+        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=keep_float,
     )
 
 
 def quality(fp32, int8, images: list[np.ndarray]) -> list[dict[str, float]]:
-    """Per image: PSNR (dB, against the image) of the float32 and int8 reconstructions, and their difference."""
+    """Per image: PSNR (dB) and SSIM against the image of the float32 and int8 reconstructions, and the changes."""
     out = []
     for image in images:
-        a = psnr(image, fp32.reconstruct(image[None])[0])
-        b = psnr(image, int8.reconstruct(image[None])[0])
-        out.append({"psnr_fp32": round(a, 3), "psnr_int8": round(b, 3), "change_db": round(b - a, 3)})
+        a, b = fp32.reconstruct(image[None])[0], int8.reconstruct(image[None])[0]
+        pa, pb, sa, sb = psnr(image, a), psnr(image, b), ssim(image, a), ssim(image, b)
+        out.append({"psnr_fp32": round(pa, 3), "psnr_int8": round(pb, 3), "change_db": round(pb - pa, 3),
+                    "ssim_fp32": round(sa, 4), "ssim_int8": round(sb, 4), "ssim_change": round(sb - sa, 4)})
     return out
 
 
 def quantize_export(folder: str | Path, out: str | Path | None = None, images: list[np.ndarray] | None = None,
-                    replace: bool = False) -> Path:
+                    replace: bool = False, all_convs: bool = False) -> Path:
     """Write the int8 variant of the tokenizer export ``folder`` to ``out`` (default ``folder/int8``): the
-    decoder graphs quantized (see the module text), the encoder and everything else as in ``folder``.
+    decoder graphs quantized (see the module text; ``all_convs``: the output-resolution convolutions too),
+    the encoder and everything else as in ``folder``.
     Calibrated on ``images`` (default: the bundled scikit-image photos) at the export's first size. Its
     manifest says ``"precision": "int8"`` and records how it was made and its measured quality cost."""
     from gpstoken_runtime import Tokenizer
@@ -120,13 +133,15 @@ def quantize_export(folder: str | Path, out: str | Path | None = None, images: l
     h, w = fp32.image_size
     feeds = _record_feeds(fp32, images if images is not None else calibration_images((h, w)))
     quantized = sorted(name for name in manifest["files"] if name != ENCODER)
+    kept: dict[str, list[str]] = {}
     with atomic_folder(out, replace=replace) as tmp:
         files = {}
         for name, entry in manifest["files"].items():
             source, target = folder / entry["path"], tmp / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             if name in quantized and name in feeds:
-                _quantize_graph(source, target, feeds[name])
+                kept[name] = [] if all_convs else output_resolution_convs(source, manifest)
+                _quantize_graph(source, target, feeds[name], kept[name])
             else:
                 shutil.copyfile(source, target)
             files[name] = {**entry, "sha256": sha256_file(target)}
@@ -135,21 +150,22 @@ def quantize_export(folder: str | Path, out: str | Path | None = None, images: l
             "method": "onnxruntime static quantization, QDQ",
             "graphs": [n for n in quantized if n in feeds],
             "ops": list(QUANTIZED_OPS),
+            "kept_float": kept,
             "weights": "int8, per output channel, symmetric",
             "activations": "uint8, per tensor, min/max over the calibration images",
             "calibration_images": len(next(iter(feeds.values()))),
-            "float": "encoder, splat, normalizations, activations, adds, upsampling",
+            "float": "encoder, splat, normalizations, activations, adds, upsampling, the convolutions in kept_float",
         }
         write_manifest(tmp, variant)
         int8 = Tokenizer.load(tmp)
         scores = quality(fp32, int8, held_out_images((h, w)))
         variant["quantization"]["held_out_quality"] = scores
-        variant["quantization"]["quality_bound_db"] = QUALITY_BOUND_DB
+        variant["quantization"]["quality_bound"] = {"psnr_db": QUALITY_BOUND_DB, "ssim": SSIM_BOUND}
         write_manifest(tmp, variant)
-    worst = min(s["change_db"] for s in scores)
-    if worst < -QUALITY_BOUND_DB:
-        print(f"warning: {out}: int8 costs {-worst:.2f} dB PSNR on a held-out photo, more than the {QUALITY_BOUND_DB} dB "
-              "bound this project states; prefer the float32 export for this model")
+    worst_db, worst_ssim = min(s["change_db"] for s in scores), min(s["ssim_change"] for s in scores)
+    if worst_db < -QUALITY_BOUND_DB or worst_ssim < -SSIM_BOUND:
+        print(f"warning: {out}: int8 costs up to {-worst_db:.2f} dB PSNR / {-worst_ssim:.3f} SSIM on the held-out photos, "
+              f"more than the bound this project states ({QUALITY_BOUND_DB} dB / {SSIM_BOUND}); prefer the float32 export")
     return out
 
 
@@ -160,12 +176,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("export", type=Path, help="a float32 `gpstoken export` folder")
     parser.add_argument("--out", type=Path, help=f"output folder (default EXPORT/{INT8_FOLDER})")
     parser.add_argument("--replace", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--all-convs", action="store_true",
+                        help="also quantize the convolutions at the output resolution (a little faster, visibly noisier)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
-    out = quantize_export(args.export, args.out, replace=args.replace)
+    out = quantize_export(args.export, args.out, replace=args.replace, all_convs=args.all_convs)
     q = read_manifest(out)["quantization"]
-    changes = ", ".join(f"{s['change_db']:+.2f} dB" for s in q["held_out_quality"])
-    print(f"int8 variant -> {out}/ (quantized: {', '.join(q['graphs'])}; PSNR change on held-out photos: {changes})")
+    changes = ", ".join(f"{s['change_db']:+.2f} dB / SSIM {s['ssim_change']:+.4f}" for s in q["held_out_quality"])
+    print(f"int8 variant -> {out}/ (quantized: {', '.join(q['graphs'])}; change on held-out photos: {changes})")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ def main() -> None:
                         row += (f" {gflop:.1f} | {gflop * batch / t_torch * 1000:.0f} | {gflop * batch / t_rt * 1000:.0f} | "
                                 f"{gflop * batch / t_rt * 1000 / peak:.0%} |")
                     print(row, flush=True)
+    if peak:
+        print(f"\nfloat32 GEMM peak measured again at the end: {gemm_peak_gflops():.0f} GFLOP/s (the last column uses the first)")
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         if args.dtype != "float32":
             raise ValueError("--int8 is made from a float32 export; drop --dtype float16")
         q = read_manifest(quantize_export(out))["quantization"]
-        changes = ", ".join(f"{s['change_db']:+.2f} dB" for s in q["held_out_quality"])
-        print(f"int8 variant -> {out}/int8/ (decoder convolutions int8; PSNR change on held-out photos {changes}, "
+        changes = ", ".join(f"{s['change_db']:+.2f} dB / SSIM {s['ssim_change']:+.3f}" for s in q["held_out_quality"])
+        print(f"int8 variant -> {out}/int8/ (decoder convolutions int8; change on the held-out photos {changes}, "
               f"bound {QUALITY_BOUND_DB} dB / SSIM {SSIM_BOUND}); load it with Tokenizer.load(folder, precision='int8')")
     if args.tensorrt:
         _build_tensorrt(out, args)

@@ -203,3 +203,60 @@ def test_splat_function_is_cancellation_free_and_clamps_float16():
     ref16 = closed_form(0.99951171875)
     np.testing.assert_allclose(first.astype(np.float64), ref16, atol=2e-3)  # float16 output rounding
     assert first.max() == np.float16(1.0)  # the ridge keeps its peak (a zeroed weight would be 0)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 1, 1), (1, 8, 6, 2)])
+def test_subpixel_upsampling_equals_nearest_resize_then_conv(shape):
+    from gpstoken_export.subpixel import SubpixelUpsample
+
+    from gpstoken.layers import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(shape[1]).double().eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    with torch.no_grad():
+        ref = torch.nn.functional.conv2d(torch.repeat_interleave(torch.repeat_interleave(x, 2, 2), 2, 3), up.conv.weight, up.conv.bias, padding=1)
+        out = SubpixelUpsample(up)(x)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)  # float64: the phase kernels are the same sums
+
+
+def test_subpixel_upsampling_refuses_other_convolutions_and_restores_the_model(model):
+    from gpstoken_export.subpixel import SubpixelUpsample, subpixel_upsampling
+
+    from gpstoken.layers import Upsample
+
+    up = Upsample(4)
+    up.conv = torch.nn.Conv2d(4, 4, 3, padding=1, stride=2)
+    with pytest.raises(ValueError, match="3x3 convolution with padding 1"):
+        SubpixelUpsample(up)
+    before = [m for m in model.modules() if isinstance(m, Upsample)]
+    assert before
+    with pytest.raises(RuntimeError, match="inside"), subpixel_upsampling(model):
+        assert not any(isinstance(m, Upsample) for m in model.modules())
+        assert sum(isinstance(m, SubpixelUpsample) for m in model.modules()) == len(before)
+        raise RuntimeError("inside")
+    assert [m for m in model.modules() if isinstance(m, Upsample)] == before
+
+
+def test_decoder_export_runs_upsampling_in_subpixel_form(model, photos, tmp_path):
+    """The default export has no resize in front of a convolution; its convolutions do 16/36 of the
+    up-sampling's multiply-adds; both forms give the torch model's output."""
+    sub = export_decoder(model, tmp_path / "sub.onnx")
+    plain = export_decoder(model, tmp_path / "plain.onnx", subpixel=False)
+
+    def kernel_sizes(proto):  # weights (= multiply-adds per pixel the convolution runs on) of each up-sampling convolution
+        weights = {i.name: i.dims for i in proto.graph.initializer}
+        return [int(np.prod(weights[n.input[1]])) for n in proto.graph.node if n.op_type == "Conv" and "upsample" in n.name]
+
+    ups = [m for m in model.modules() if isinstance(m, gpstoken.layers.Upsample)]
+    assert "Resize" in {n.op_type for n in plain.graph.node} and "Resize" not in {n.op_type for n in sub.graph.node}
+    assert len(kernel_sizes(plain)) == len(ups) and len(kernel_sizes(sub)) == 4 * len(ups)
+    # per low-resolution pixel: 4 phases x 2x2 taps, against 3x3 taps at each of 4 up-sampled pixels
+    assert sum(kernel_sizes(sub)) * 36 == sum(kernel_sizes(plain)) * 4 * 16
+    with torch.inference_mode():
+        tokens = model.encode(photos[:2])
+        ref = model.decode(tokens).numpy()
+    for path in ("sub.onnx", "plain.onnx"):
+        out = ort.InferenceSession(str(tmp_path / path), providers=["CPUExecutionProvider"]).run(None, {"g": tokens.g.numpy(), "f": tokens.f.numpy()})[0]
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())

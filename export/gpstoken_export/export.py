@@ -51,12 +51,16 @@ def export_model(
     sizes=((TILE, TILE),),
     dtype: str = "float32",
     decode_modes=DECODE_MODES,
+    subpixel: bool = True,
 ) -> Path:
     """Export ``model`` into the folder ``out`` for images of ``sizes`` ((H, W) pairs; any size the
     library takes), with decoder graphs for each size in each of ``decode_modes``.
 
     ``dtype="float16"``: all graphs in float16 (inputs, outputs, weights, the splat node), as TensorRT 11
-    needs for an fp16 engine; normalization statistics stay float32."""
+    needs for an fp16 engine; normalization statistics stay float32.
+
+    ``subpixel=False`` keeps the decoder's up-sampling as nearest-resize + 3x3 convolution instead of the
+    sub-pixel form (``subpixel.py``); for comparisons only, the outputs agree to float rounding."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     cfg = model.config
@@ -76,7 +80,7 @@ def export_model(
         for spec in specs:
             name = graph_name(spec, cfg.tile)
             tiles = spec.grid[0] * spec.grid[1]
-            graphs[name] = (export_decoder(model, tmp / f"{name}.onnx", spec.image_size, tokens * tiles, spec.grid), spec)
+            graphs[name] = (export_decoder(model, tmp / f"{name}.onnx", spec.image_size, tokens * tiles, spec.grid, subpixel), spec)
         if dtype == "float16":
             graphs = {name: (to_float16(tmp / f"{name}.onnx"), spec) for name, (_, spec) in graphs.items()}
         write_manifest(
@@ -91,6 +95,7 @@ def export_model(
                 "dtype": dtype,
                 "custom_op": {"domain": DOMAIN, "name": OP_TYPE, "version": DOMAIN_VERSION, "attributes": list(SPLAT_ATTRIBUTES)},
                 "onnx_opset": ONNX_OPSET,
+                "decoder_upsampling": "subpixel" if subpixel else "resize",
                 "exporter": {"gpstoken": gpstoken.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
                 "files": {name: graph_entry(tmp / f"{name}.onnx", _io(proto), spec) for name, (proto, spec) in graphs.items()},
             },

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
@@ -14,6 +15,7 @@ from gpstoken.tokenizer import GPSTokenizer
 from gpstoken_core.official import TOKENS_PER_TILE
 from gpstoken_core.tiling import TILE
 
+from .subpixel import subpixel_upsampling
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function, drop_splat_function
 
 _registered = False
@@ -96,14 +98,17 @@ def finish(path: Path) -> onnx.ModelProto:
 
 
 def export_decoder(
-    model: GPSTokenizer, path: str | Path, image_size=(TILE, TILE), tokens: int = TOKENS_PER_TILE, grid=(1, 1)
+    model: GPSTokenizer, path: str | Path, image_size=(TILE, TILE), tokens: int = TOKENS_PER_TILE, grid=(1, 1),
+    subpixel: bool = True,
 ) -> onnx.ModelProto:
+    """``subpixel``: write the up-sampling convolutions in sub-pixel form (``subpixel.py``: 2.25x fewer
+    FLOPs there, same function); False keeps nearest-resize + 3x3 convolution as the model is written."""
     register_splat_symbolic()
     path = Path(path)
     model = model.eval()
     g = torch.rand(1, tokens, 5) * torch.tensor([0.1, 0.1, 0.0, 1.6, 1.6]) + torch.tensor([0.02, 0.02, 0.0, -0.8, -0.8])
     f = torch.randn(1, tokens, model.config.feature_channels)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), (subpixel_upsampling(model) if subpixel else nullcontext()):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             # eval(): torch.onnx.export restores the wrapper's mode afterwards, and a new module is in training mode

@@ -1,12 +1,13 @@
 """Encode + decode: torch eager (GPSTokenizer) vs the slim runtime on ONNX Runtime, same weights, one run.
 
-    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8] [--precisions fp32 int8]
+    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8] [--precisions fp32 int8 fp32-resize]
 
 Latency at batch 1 and throughput at batch 8 on 256x256 photos, for the tiny model and M128 (random
 weights: timing only). Both sides include the partition. Each side is timed in a process of its own
 (ONNX Runtime's worker threads spin after a run and torch's OpenMP threads wait actively too: either would
 slow the other in one process). Outputs are compared in the parent: max |diff| in grey levels against
-torch eager. With ``--flops`` the table also shows the FLOPs per image (from the graphs) and the achieved
+torch eager. ``fp32-resize`` times an export without the sub-pixel up-sampling (nearest resize + 3x3
+convolution as the model is written; ``gpstoken_export/subpixel.py``), to show what that rewrite gives. With ``--flops`` the table also shows the FLOPs per image (from the graphs) and the achieved
 GFLOP/s next to this CPU's float32 GEMM peak (``benchmarks/flops.py``).
 """
 
@@ -82,8 +83,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--models", nargs="+", default=["tiny", "m128"], help="configs to time (default: tiny m128)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8"],
-                        help="runtime exports to time (default: fp32; int8 is calibrated on held-out photos)")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "fp32-resize"],
+                        help="runtime exports to time (default: fp32; int8 is calibrated on held-out photos; "
+                             "fp32-resize: without the sub-pixel up-sampling)")
     parser.add_argument("--flops", action="store_true", help="add FLOPs per image and GFLOP/s vs the GEMM peak")
     parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -106,8 +108,8 @@ def main() -> None:
           "each side in its own process" + (f"; float32 GEMM peak {peak:.0f} GFLOP/s (numpy, all cores)" if peak else "") + "\n")
     columns = ["model", "precision", "batch", "torch eager (ms)", "runtime (ms)", "speed-up", "images/s torch",
                "images/s runtime", "max abs diff vs torch (grey levels)"]
-    if peak:
-        columns += ["GFLOP per image", "GFLOP/s torch", "GFLOP/s runtime", "runtime / GEMM peak"]
+    if peak:  # the runtime's graphs may do fewer FLOPs than the model as written (sub-pixel up-sampling)
+        columns += ["GFLOP per image torch", "GFLOP per image runtime", "GFLOP/s torch", "GFLOP/s runtime", "runtime / GEMM peak"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for name in args.models:
@@ -116,18 +118,19 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             model.save_pretrained(folder / "torch")
-            for precision in args.precisions:
-                if precision == "fp32":
-                    export_model(model, folder / "fp32")
-                else:
-                    from gpstoken_export.quantize import quantize_export
+            export_model(model, folder / "fp32")
+            if "fp32-resize" in args.precisions or peak:
+                export_model(model, folder / "fp32-resize", subpixel=False)
+            if "int8" in args.precisions:
+                from gpstoken_export.quantize import quantize_export
 
-                    export_model(model, folder / "fp32-src")
-                    quantize_export(folder / "fp32-src", folder / precision)
-            gflop = None
+                quantize_export(folder / "fp32", folder / "int8")
+            gflop = {}
             if peak:
-                counts = tokenizer_flops(folder / "fp32", photos(1)[0])
-                gflop = sum(sum(v.values()) for v in counts.values()) / 1e9
+                for key in ("fp32", "fp32-resize"):
+                    counts = tokenizer_flops(folder / key, photos(1)[0])
+                    gflop[key] = sum(sum(v.values()) for v in counts.values()) / 1e9
+                gflop["int8"] = gflop["fp32"]  # the same graphs with int8 convolutions
             for batch in args.batches:
                 reps = repeats if (name == "tiny" or batch == 1) else max(2, repeats // 3)
                 t_torch = time_side("torch", name, folder, "fp32", batch, reps, folder / "torch.npy")
@@ -138,8 +141,9 @@ def main() -> None:
                     row = (f"| {name} | {precision} | {batch} | {t_torch:.0f} | {t_rt:.0f} | {t_torch / t_rt:.2f}x | "
                            f"{1000 * batch / t_torch:.1f} | {1000 * batch / t_rt:.1f} | {diff} |")
                     if gflop:
-                        row += (f" {gflop:.1f} | {gflop * batch / t_torch * 1000:.0f} | {gflop * batch / t_rt * 1000:.0f} | "
-                                f"{gflop * batch / t_rt * 1000 / peak:.0%} |")
+                        g_torch, g_rt = gflop["fp32-resize"], gflop[precision]
+                        row += (f" {g_torch:.1f} | {g_rt:.1f} | {g_torch * batch / t_torch * 1000:.0f} | {g_rt * batch / t_rt * 1000:.0f} | "
+                                f"{g_rt * batch / t_rt * 1000 / peak:.0%} |")
                     print(row, flush=True)
     if peak:
         print(f"\nfloat32 GEMM peak measured again at the end: {gemm_peak_gflops():.0f} GFLOP/s (the last column uses the first)")

@@ -10,6 +10,8 @@ engines, and this manifest. Version 2 (this schema):
     sizes                           [[H, W], ...] image sizes the export was made for
     dtype                           "float32" | "float16" (graph inputs and outputs)
     custom_op, onnx_opset, exporter
+    decoder_upsampling (optional)   "subpixel" (default export) | "resize": how the decoder graphs run the
+                                    up-sampling (gpstoken_export.subpixel); informational, the graphs agree
     files                           graph name -> {path, sha256, inputs, outputs}; decoder graphs also
                                     {image_size: [H, W], grid: [rows, cols]} (gpstoken_core.tiling.DecoderSpec)
     tensorrt (optional)             {version, gpu, compute_capability, plugin, profiles, files: name -> {path, sha256}}

@@ -251,6 +251,10 @@ def test_decoder_export_runs_upsampling_in_subpixel_form(model, photos, tmp_path
 
     ups = [m for m in model.modules() if isinstance(m, gpstoken.layers.Upsample)]
     assert "Resize" in {n.op_type for n in plain.graph.node} and "Resize" not in {n.op_type for n in sub.graph.node}
+    assert "Pad" not in {n.op_type for n in sub.graph.node}  # folded into the phases' convolutions
+    phase_pads = [tuple(helper.get_attribute_value(a)) for n in sub.graph.node if n.op_type == "Conv" and "upsample" in n.name
+                  for a in n.attribute if a.name == "pads"]
+    assert phase_pads == [(1, 1, 0, 0), (1, 0, 0, 1), (0, 1, 1, 0), (0, 0, 1, 1)] * len(ups)  # (top, left, bottom, right)
     assert len(kernel_sizes(plain)) == len(ups) and len(kernel_sizes(sub)) == 4 * len(ups)
     # per low-resolution pixel: 4 phases x 2x2 taps, against 3x3 taps at each of 4 up-sampled pixels
     assert sum(kernel_sizes(sub)) * 36 == sum(kernel_sizes(plain)) * 4 * 16
@@ -260,3 +264,41 @@ def test_decoder_export_runs_upsampling_in_subpixel_form(model, photos, tmp_path
     for path in ("sub.onnx", "plain.onnx"):
         out = ort.InferenceSession(str(tmp_path / path), providers=["CPUExecutionProvider"]).run(None, {"g": tokens.g.numpy(), "f": tokens.f.numpy()})[0]
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _pad_conv_model(pad_value: float = 0.0, mode: str = "constant", second_user: bool = False) -> onnx.ModelProto:
+    """x -> Pad (amounts from a Constant -> Cast chain, as the exporter writes them) -> Conv."""
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Constant", [], ["amounts64"], value=numpy_helper.from_array(np.array([0, 0, 1, 0, 0, 0, 0, 2], np.int32))),
+        helper.make_node("Cast", ["amounts64"], ["amounts"], to=TensorProto.INT64),
+        helper.make_node("Constant", [], ["fill"], value=numpy_helper.from_array(np.array(pad_value, np.float32))),
+        helper.make_node("Pad", ["x", "amounts", "fill"], ["padded"], mode=mode),
+        helper.make_node("Conv", ["padded", "w"], ["y"], pads=[1, 0, 0, 1]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if second_user:
+        nodes.append(helper.make_node("Relu", ["padded"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 6])], outputs,
+                              [numpy_helper.from_array(rng.standard_normal((4, 3, 2, 2)).astype(np.float32), "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)])
+
+
+def test_zero_pads_fold_into_the_following_convolution():
+    from gpstoken_export.subpixel import fold_pads_into_convs
+
+    x = np.random.default_rng(1).standard_normal((1, 3, 5, 6)).astype(np.float32)
+    model = _pad_conv_model()
+    ref = _session(model).run(None, {"x": x})[0]
+    assert fold_pads_into_convs(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Conv"]  # the constant chain went with the Pad
+    (pads,) = [helper.get_attribute_value(a) for a in model.graph.node[0].attribute if a.name == "pads"]
+    assert list(pads) == [2, 0, 0, 3]  # conv's own (1, 0, 0, 1) + the Pad's top 1 and right 2
+    np.testing.assert_allclose(_session(model).run(None, {"x": x})[0], ref, rtol=1e-6, atol=1e-6)
+    # left alone: a non-zero fill, another mode, a second consumer of the padded tensor
+    for kwargs in ({"pad_value": 1.0}, {"mode": "reflect"}, {"second_user": True}):
+        model = _pad_conv_model(**kwargs)
+        assert fold_pads_into_convs(model) == 0 and "Pad" in {n.op_type for n in model.graph.node}, kwargs

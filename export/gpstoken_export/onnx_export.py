@@ -15,7 +15,7 @@ from gpstoken.tokenizer import GPSTokenizer
 from gpstoken_core.official import TOKENS_PER_TILE
 from gpstoken_core.tiling import TILE
 
-from .subpixel import subpixel_upsampling
+from .subpixel import fold_pads_into_convs, subpixel_upsampling
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function, drop_splat_function
 
 _registered = False
@@ -122,6 +122,10 @@ def export_decoder(
             dynamic_axes={"g": {0: "batch", 1: "tokens"}, "f": {0: "batch", 1: "tokens"}, "image": {0: "batch"}},
             custom_opsets={DOMAIN: DOMAIN_VERSION},
         )
+    if subpixel:
+        proto = onnx.load(str(path))
+        fold_pads_into_convs(proto)
+        onnx.save(proto, str(path))
     return finish(path)
 
 

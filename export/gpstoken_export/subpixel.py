@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import onnx
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,3 +76,80 @@ def subpixel_upsampling(model: nn.Module):
     finally:
         for parent, name, child in swapped:
             setattr(parent, name, child)
+
+
+def fold_pads_into_convs(model: onnx.ModelProto) -> int:
+    """Make each zero ``Pad`` of the spatial axes whose only consumer is a ``Conv`` part of that Conv's
+    ``pads``, in place; returns how many were folded. The exporter writes each phase's one-sided padding as
+    a Pad whose amounts come from a chain of constant nodes: folded, the phases are plain Convs with
+    asymmetric constant pads (no copy of the input per phase, and nothing for TensorRT's parser to
+    evaluate)."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {out.name for out in graph.output}
+
+    feeding: list[onnx.NodeProto] = []  # the constant chains of the folded Pads, removed once unused
+
+    def constant(name: str):
+        """The value of ``name`` if only constants feed it, else None."""
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name])
+        chain, stack = [], [name]
+        while stack:
+            node = producers.get(stack.pop())
+            if node is None:
+                return None
+            if node in chain:
+                continue
+            chain.append(node)
+            for source in node.input:
+                if source and source not in initializers:
+                    stack.append(source)
+        used = [initializers[i] for node in chain for i in node.input if i in initializers]
+        sub = helper.make_graph(list(reversed(chain)), "constant", [], [helper.make_tensor_value_info(name, 0, None)], used)
+        value = ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import)).run(None, {})[0]
+        feeding.extend(chain)
+        return value
+
+    folded = 0
+    for pad in [node for node in graph.node if node.op_type == "Pad"]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+        users = consumers.get(pad.output[0], [])
+        if attrs.get("mode", b"constant") not in (b"constant", "constant") or len(users) != 1 or pad.output[0] in graph_outputs:
+            continue
+        conv = users[0]
+        if conv.op_type != "Conv" or conv.input[0] != pad.output[0] or len(pad.input) > 3 and pad.input[3]:
+            continue  # an explicit axes input: not the exporter's form
+        amounts = constant(pad.input[1])
+        fill = constant(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0
+        if amounts is None or fill is None or float(fill) != 0.0 or amounts.shape != (8,):
+            continue
+        amounts = [int(v) for v in amounts]
+        if any(v < 0 for v in amounts) or amounts[0] or amounts[1] or amounts[4] or amounts[5]:
+            continue  # cropping, or padding of batch/channels
+        conv_attrs = {a.name: a for a in conv.attribute}
+        if "auto_pad" in conv_attrs and helper.get_attribute_value(conv_attrs["auto_pad"]) not in (b"NOTSET", "NOTSET"):
+            continue
+        old = list(helper.get_attribute_value(conv_attrs["pads"])) if "pads" in conv_attrs else [0, 0, 0, 0]
+        new = [old[0] + amounts[2], old[1] + amounts[3], old[2] + amounts[6], old[3] + amounts[7]]
+        if "pads" in conv_attrs:
+            conv.attribute.remove(conv_attrs["pads"])
+        conv.attribute.append(helper.make_attribute("pads", new))
+        conv.input[0] = pad.input[0]
+        graph.node.remove(pad)
+        folded += 1
+    while True:  # drop the chains' nodes nothing uses any more
+        used = {name for node in graph.node for name in node.input} | graph_outputs
+        dead = [node for node in feeding if node in graph.node and not any(out in used for out in node.output)]
+        if not dead:
+            return folded
+        for node in dead:
+            graph.node.remove(node)

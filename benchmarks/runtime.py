@@ -1,13 +1,14 @@
 """Encode + decode: torch eager (GPSTokenizer) vs the slim runtime on ONNX Runtime, same weights, one run.
 
-    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8] [--precisions fp32 int8 fp32-resize]
+    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8] [--precisions fp32 int8 fp32-resize fp32-winograd]
 
 Latency at batch 1 and throughput at batch 8 on 256x256 photos, for the tiny model and M128 (random
 weights: timing only). Both sides include the partition. Each side is timed in a process of its own
 (ONNX Runtime's worker threads spin after a run and torch's OpenMP threads wait actively too: either would
 slow the other in one process). Outputs are compared in the parent: max |diff| in grey levels against
 torch eager. ``fp32-resize`` times an export without the sub-pixel up-sampling (nearest resize + 3x3
-convolution as the model is written; ``gpstoken_export/subpixel.py``), to show what that rewrite gives. With ``--flops`` the table also shows the FLOPs per image (from the graphs) and the achieved
+convolution as the model is written; ``gpstoken_export/subpixel.py``), to show what that rewrite gives;
+``fp32-winograd`` an export with ``--winograd`` (``gpstoken_export/winograd.py``). With ``--flops`` the table also shows the FLOPs per image (from the graphs) and the achieved
 GFLOP/s next to this CPU's float32 GEMM peak (``benchmarks/flops.py``).
 """
 
@@ -83,9 +84,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--models", nargs="+", default=["tiny", "m128"], help="configs to time (default: tiny m128)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "fp32-resize"],
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "fp32-resize", "fp32-winograd"],
                         help="runtime exports to time (default: fp32; int8 is calibrated on held-out photos; "
-                             "fp32-resize: without the sub-pixel up-sampling)")
+                             "fp32-resize: without the sub-pixel up-sampling; fp32-winograd: export --winograd)")
     parser.add_argument("--flops", action="store_true", help="add FLOPs per image and GFLOP/s vs the GEMM peak")
     parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -121,6 +122,8 @@ def main() -> None:
             export_model(model, folder / "fp32")
             if "fp32-resize" in args.precisions or peak:
                 export_model(model, folder / "fp32-resize", subpixel=False)
+            if "fp32-winograd" in args.precisions:
+                export_model(model, folder / "fp32-winograd", winograd=True)
             if "int8" in args.precisions:
                 from gpstoken_export.quantize import quantize_export
 
@@ -131,6 +134,9 @@ def main() -> None:
                     counts = tokenizer_flops(folder / key, photos(1)[0])
                     gflop[key] = sum(sum(v.values()) for v in counts.values()) / 1e9
                 gflop["int8"] = gflop["fp32"]  # the same graphs with int8 convolutions
+                if "fp32-winograd" in args.precisions:
+                    counts = tokenizer_flops(folder / "fp32-winograd", photos(1)[0])
+                    gflop["fp32-winograd"] = sum(sum(v.values()) for v in counts.values()) / 1e9
             for batch in args.batches:
                 reps = repeats if (name == "tiny" or batch == 1) else max(2, repeats // 3)
                 t_torch = time_side("torch", name, folder, "fp32", batch, reps, folder / "torch.npy")

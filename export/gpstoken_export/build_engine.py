@@ -129,6 +129,9 @@ def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batc
     folder = Path(folder)
     manifest = read_any_manifest(folder)
     generator = GENERATOR in manifest
+    if manifest.get("decoder_convolutions", "direct") != "direct":
+        raise ValueError(f"{folder} was exported with --winograd (for ONNX Runtime on CPUs); TensorRT engines are "
+                         "built from an export without it (TensorRT chooses its own convolution algorithms)")
     if generator:
         profiles = generator_profiles(manifest, max_batch, opt_batch)
     else:

@@ -24,6 +24,7 @@ from gpstoken_core.tiling import DECODE_MODES, TILE, DecoderSpec, decoder_specs
 
 from .onnx_export import export_decoder, export_encoder, to_float16
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, SPLAT_ATTRIBUTES
+from .winograd import MIN_CHANNELS as WINOGRAD_MIN_CHANNELS
 
 
 def _io(model: onnx.ModelProto) -> dict:
@@ -38,6 +39,7 @@ def _io(model: onnx.ModelProto) -> dict:
 
 
 DTYPES = ("float32", "float16")
+WINOGRAD = f"winograd F(4x4,3x3) from {WINOGRAD_MIN_CHANNELS} channels"  # the manifest's decoder_convolutions
 PRIMARY_DECODER = "decoder"  # the single-tile decoder's graph name (decoder.onnx)
 
 
@@ -52,6 +54,7 @@ def export_model(
     dtype: str = "float32",
     decode_modes=DECODE_MODES,
     subpixel: bool = True,
+    winograd: bool = False,
 ) -> Path:
     """Export ``model`` into the folder ``out`` for images of ``sizes`` ((H, W) pairs; any size the
     library takes), with decoder graphs for each size in each of ``decode_modes``.
@@ -60,9 +63,15 @@ def export_model(
     needs for an fp16 engine; normalization statistics stay float32.
 
     ``subpixel=False`` keeps the decoder's up-sampling as nearest-resize + 3x3 convolution instead of the
-    sub-pixel form (``subpixel.py``); for comparisons only, the outputs agree to float rounding."""
+    sub-pixel form (``subpixel.py``); for comparisons only, the outputs agree to float rounding.
+
+    ``winograd=True``: the decoders' 3x3 convolutions with >= ``winograd.MIN_CHANNELS`` channels in and out
+    as Winograd F(4x4, 3x3) (``winograd.py``), for ONNX Runtime on CPUs: faster there, ~1e-5 relative
+    error per convolution; float32 only, and neither for TensorRT engines nor int8 variants."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if winograd and dtype != "float32":
+        raise ValueError("Winograd convolutions are exported in float32 only (float16 loses too much in the transforms)")
     cfg = model.config
     sizes = [(int(h), int(w)) for h, w in (sizes if sizes else [(cfg.tile, cfg.tile)])]
     for h, w in sizes:
@@ -80,7 +89,8 @@ def export_model(
         for spec in specs:
             name = graph_name(spec, cfg.tile)
             tiles = spec.grid[0] * spec.grid[1]
-            graphs[name] = (export_decoder(model, tmp / f"{name}.onnx", spec.image_size, tokens * tiles, spec.grid, subpixel), spec)
+            graphs[name] = (export_decoder(model, tmp / f"{name}.onnx", spec.image_size, tokens * tiles, spec.grid, subpixel,
+                                           WINOGRAD_MIN_CHANNELS if winograd else None), spec)
         if dtype == "float16":
             graphs = {name: (to_float16(tmp / f"{name}.onnx"), spec) for name, (_, spec) in graphs.items()}
         write_manifest(
@@ -96,6 +106,7 @@ def export_model(
                 "custom_op": {"domain": DOMAIN, "name": OP_TYPE, "version": DOMAIN_VERSION, "attributes": list(SPLAT_ATTRIBUTES)},
                 "onnx_opset": ONNX_OPSET,
                 "decoder_upsampling": "subpixel" if subpixel else "resize",
+                "decoder_convolutions": WINOGRAD if winograd else "direct",
                 "exporter": {"gpstoken": gpstoken.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
                 "files": {name: graph_entry(tmp / f"{name}.onnx", _io(proto), spec) for name, (proto, spec) in graphs.items()},
             },

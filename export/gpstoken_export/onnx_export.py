@@ -16,6 +16,7 @@ from gpstoken_core.official import TOKENS_PER_TILE
 from gpstoken_core.tiling import TILE
 
 from .subpixel import fold_pads_into_convs, subpixel_upsampling
+from .winograd import winograd_convolutions
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function, drop_splat_function
 
 _registered = False
@@ -99,16 +100,22 @@ def finish(path: Path) -> onnx.ModelProto:
 
 def export_decoder(
     model: GPSTokenizer, path: str | Path, image_size=(TILE, TILE), tokens: int = TOKENS_PER_TILE, grid=(1, 1),
-    subpixel: bool = True,
+    subpixel: bool = True, winograd_min_channels: int | None = None,
 ) -> onnx.ModelProto:
     """``subpixel``: write the up-sampling convolutions in sub-pixel form (``subpixel.py``: 2.25x fewer
-    FLOPs there, same function); False keeps nearest-resize + 3x3 convolution as the model is written."""
+    FLOPs there, same function); False keeps nearest-resize + 3x3 convolution as the model is written.
+    ``winograd_min_channels``: 3x3 convolutions with at least that many input and output channels as
+    Winograd F(4x4, 3x3) (``winograd.py``, for ONNX Runtime on CPUs); None: none."""
     register_splat_symbolic()
     path = Path(path)
     model = model.eval()
     g = torch.rand(1, tokens, 5) * torch.tensor([0.1, 0.1, 0.0, 1.6, 1.6]) + torch.tensor([0.02, 0.02, 0.0, -0.8, -0.8])
     f = torch.randn(1, tokens, model.config.feature_channels)
-    with warnings.catch_warnings(), (subpixel_upsampling(model) if subpixel else nullcontext()):
+    with (
+        warnings.catch_warnings(),
+        subpixel_upsampling(model) if subpixel else nullcontext(),
+        winograd_convolutions(model, winograd_min_channels) if winograd_min_channels else nullcontext(),
+    ):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
             # eval(): torch.onnx.export restores the wrapper's mode afterwards, and a new module is in training mode
@@ -122,7 +129,7 @@ def export_decoder(
             dynamic_axes={"g": {0: "batch", 1: "tokens"}, "f": {0: "batch", 1: "tokens"}, "image": {0: "batch"}},
             custom_opsets={DOMAIN: DOMAIN_VERSION},
         )
-    if subpixel:
+    if subpixel or winograd_min_channels:
         proto = onnx.load(str(path))
         fold_pads_into_convs(proto)
         onnx.save(proto, str(path))

@@ -129,6 +129,8 @@ def quantize_export(folder: str | Path, out: str | Path | None = None, images: l
         raise ValueError(f"{folder}: already an int8 export")
     if manifest["dtype"] != "float32":
         raise ValueError(f"{folder}: int8 variants are made from float32 exports (this one is {manifest['dtype']})")
+    if manifest.get("decoder_convolutions", "direct") != "direct":
+        raise ValueError(f"{folder}: int8 variants are made from exports without --winograd (its transforms would be quantized)")
     fp32 = Tokenizer.load(folder)
     h, w = fp32.image_size
     feeds = _record_feeds(fp32, images if images is not None else calibration_images((h, w)))

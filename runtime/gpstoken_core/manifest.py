@@ -12,6 +12,8 @@ engines, and this manifest. Version 2 (this schema):
     custom_op, onnx_opset, exporter
     decoder_upsampling (optional)   "subpixel" (default export) | "resize": how the decoder graphs run the
                                     up-sampling (gpstoken_export.subpixel); informational, the graphs agree
+    decoder_convolutions (optional) "direct" | "winograd F(4x4,3x3) from N channels" (gpstoken export
+                                    --winograd, for ONNX Runtime on CPUs; no TensorRT engines or int8 from it)
     files                           graph name -> {path, sha256, inputs, outputs}; decoder graphs also
                                     {image_size: [H, W], grid: [rows, cols]} (gpstoken_core.tiling.DecoderSpec)
     tensorrt (optional)             {version, gpu, compute_capability, plugin, profiles, files: name -> {path, sha256}}

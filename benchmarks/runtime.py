@@ -1,6 +1,7 @@
 """Encode + decode: torch eager (GPSTokenizer) vs the slim runtime on ONNX Runtime, same weights, one run.
 
-    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8] [--precisions fp32 int8 fp32-resize fp32-winograd]
+    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8]
+        [--precisions fp32 int8 fp32-resize fp32-winograd fp32-spinning]
 
 Latency at batch 1 and throughput at batch 8 on 256x256 photos, for the tiny model and M128 (random
 weights: timing only). Both sides include the partition. Each side is timed in a process of its own
@@ -8,7 +9,9 @@ weights: timing only). Both sides include the partition. Each side is timed in a
 slow the other in one process). Outputs are compared in the parent: max |diff| in grey levels against
 torch eager. ``fp32-resize`` times an export without the sub-pixel up-sampling (nearest resize + 3x3
 convolution as the model is written; ``gpstoken_export/subpixel.py``), to show what that rewrite gives;
-``fp32-winograd`` an export with ``--winograd`` (``gpstoken_export/winograd.py``). With ``--flops`` the table also shows the FLOPs per image (from the graphs) and the achieved
+``fp32-winograd`` an export with ``--winograd`` (``gpstoken_export/winograd.py``); ``fp32-spinning`` the
+default export with ONNX Runtime's default thread spinning (the runtime stops its threads spinning after
+each run: the encoder's session would slow the decoder's). With ``--flops`` the table also shows the FLOPs per image (from the graphs) and the achieved
 GFLOP/s next to this CPU's float32 GEMM peak (``benchmarks/flops.py``).
 """
 
@@ -70,7 +73,10 @@ def child(side: str, model: str, folder: str, precision: str, batch: int, repeat
     else:
         from gpstoken_runtime import Tokenizer
 
-        tok = Tokenizer.load(folder + "/" + precision)
+        if precision == "fp32-spinning":  # the default export, ONNX Runtime's default thread spinning
+            tok = Tokenizer.load(folder + "/fp32", stop_spinning=False)
+        else:
+            tok = Tokenizer.load(folder + "/" + precision)
 
         def run():
             return tok.reconstruct(images)
@@ -84,9 +90,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--models", nargs="+", default=["tiny", "m128"], help="configs to time (default: tiny m128)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "fp32-resize", "fp32-winograd"],
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "fp32-resize", "fp32-winograd", "fp32-spinning"],
                         help="runtime exports to time (default: fp32; int8 is calibrated on held-out photos; "
-                             "fp32-resize: without the sub-pixel up-sampling; fp32-winograd: export --winograd)")
+                             "fp32-resize: without the sub-pixel up-sampling; fp32-winograd: export --winograd; "
+                             "fp32-spinning: the fp32 export with ONNX Runtime's default thread spinning)")
     parser.add_argument("--flops", action="store_true", help="add FLOPs per image and GFLOP/s vs the GEMM peak")
     parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -133,7 +140,7 @@ def main() -> None:
                 for key in ("fp32", "fp32-resize"):
                     counts = tokenizer_flops(folder / key, photos(1)[0])
                     gflop[key] = sum(sum(v.values()) for v in counts.values()) / 1e9
-                gflop["int8"] = gflop["fp32"]  # the same graphs with int8 convolutions
+                gflop["int8"] = gflop["fp32-spinning"] = gflop["fp32"]  # the same graphs (int8 convolutions)
                 if "fp32-winograd" in args.precisions:
                     counts = tokenizer_flops(folder / "fp32-winograd", photos(1)[0])
                     gflop["fp32-winograd"] = sum(sum(v.values()) for v in counts.values()) / 1e9

@@ -56,6 +56,18 @@ assert "torch" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3  # rounding of a few pixels at most
 
 
+def test_sessions_stop_spinning_after_each_run_unless_asked_and_give_the_same_images(exported, photos):
+    # the encoder's and decoder's pools run one after the other: idle spinning of one slowed the other
+    from gpstoken_runtime import Tokenizer
+
+    stopping, spinning = Tokenizer.load(exported), Tokenizer.load(exported, stop_spinning=False)
+    for graph in ("encoder", "decoder"):
+        assert stopping.graphs[graph].session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+        with pytest.raises(Exception):  # ONNX Runtime's default: the entry is absent
+            spinning.graphs[graph].session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+    np.testing.assert_array_equal(stopping.reconstruct(photos[:1]), spinning.reconstruct(photos[:1]))
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

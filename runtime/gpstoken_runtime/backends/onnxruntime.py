@@ -13,12 +13,19 @@ from .base import Backend
 class OnnxRuntimeBackend(Backend):
     @classmethod
     def from_manifest(cls, folder: Path, manifest: dict, graph: str, device: str = "cpu", threads: int | None = None,
-                      custom_ops_library: str | None = None) -> OnnxRuntimeBackend:
-        return cls(Path(folder) / manifest["files"][graph]["path"], device, threads, custom_ops_library)
+                      custom_ops_library: str | None = None, stop_spinning: bool = True) -> OnnxRuntimeBackend:
+        return cls(Path(folder) / manifest["files"][graph]["path"], device, threads, custom_ops_library, stop_spinning)
 
-    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, custom_ops_library: str | None = None):
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None, custom_ops_library: str | None = None,
+                 stop_spinning: bool = True):
         """``custom_ops_library``: libgpstoken_ort_ops.so (default: $GPSTOKEN_ORT_OPS if set) runs GaussianSplat
-        with the compiled kernel instead of the file's dense standard-op function."""
+        with the compiled kernel instead of the file's dense standard-op function.
+
+        ``stop_spinning``: the session's worker threads stop busy-waiting when a run returns. ONNX Runtime's
+        default keeps them spinning for a while, and every session has its own pool, so the encoder's idle
+        threads took the cores from the decoder (and the partition) that run right after it: 25-30% of a
+        tiny-model reconstruction at batch 1 on 2 cores (benchmarks/runtime.py, fp32-spinning). Threads
+        still spin inside a run, between its nodes. False restores ONNX Runtime's default."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -30,6 +37,8 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         options.inter_op_num_threads = 1
+        if stop_spinning:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         options.log_severity_level = 3  # errors only; ORT warns about harmless constant-folding limits
         if device == "cpu":
             providers = ["CPUExecutionProvider"]

@@ -178,7 +178,7 @@ def _splat_graph(dtype, tokens: int, size: int, support: float = 40.0) -> ort.In
 
 
 def test_splat_function_is_cancellation_free_and_clamps_float16():
-    """The ONNX function computes the header's cancellation-free exponent (float32 at rho = 0.999999 within
+    """The ONNX function computes the header's cancellation-free exponent (float32 at rho = +-0.999999 within
     1e-5 of float64 where the weight is > 1e-4) and, for float16 inputs only, clamps |rho| = 1 and sigma = 0
     (what float16 rounding makes of 0.99999 and 1e-8) to the nearest finite float16 values."""
     size = 65
@@ -188,12 +188,12 @@ def test_splat_function_is_cancellation_free_and_clamps_float16():
     def closed_form(rho):
         return np.exp(-(a * a - 2 * rho * a * b + b * b) / (2 * (1 - rho) * (1 + rho)))
 
-    rho32 = float(np.float32(0.999999))
-    out = _splat_graph(np.float32, 1, size).run(None, {"g": np.array([[[0.5, 0.5, rho32, 0, 0]]], np.float32),
-                                                        "f": np.ones((1, 1, 1), np.float32)})[0][0, 0]  # fmt: skip
-    ref = closed_form(rho32)
-    mask = ref > 1e-4
-    assert np.max(np.abs(out - ref)[mask] / ref[mask]) <= 1e-5
+    for rho32 in (float(np.float32(0.999999)), float(np.float32(-0.999999))):  # both branches of d = a - rho b
+        out = _splat_graph(np.float32, 1, size).run(None, {"g": np.array([[[0.5, 0.5, rho32, 0, 0]]], np.float32),
+                                                            "f": np.ones((1, 1, 1), np.float32)})[0][0, 0]  # fmt: skip
+        ref = closed_form(rho32)
+        mask = ref > 1e-4
+        assert np.max(np.abs(out - ref)[mask] / ref[mask]) <= 1e-5, rho32
     # float16: rho 0.99999 is stored as exactly 1.0 -> without the clamp the weights are NaN / 0
     g16 = np.array([[[0.5, 0.5, 0.99999, 0, 0], [1e-8, 0.3, -0.99999, 0.5, 0.5]]], np.float16)
     assert g16[0, 0, 2] == 1.0 and g16[0, 1, 2] == -1.0 and g16[0, 1, 0] == 0.0

@@ -1,12 +1,14 @@
 """Encode + decode: torch eager (GPSTokenizer) vs the slim runtime on ONNX Runtime, same weights, one run.
 
-    python benchmarks/runtime.py [--quick] [--models tiny m128] [--batches 1 8]
+    python benchmarks/runtime.py [--quick] [--rounds 3] [--models tiny m128] [--batches 1 8]
         [--precisions fp32 int8 fp32-resize fp32-winograd fp32-spinning]
 
 Latency at batch 1 and throughput at batch 8 on 256x256 photos, for the tiny model and M128 (random
 weights: timing only). Both sides include the partition. Each side is timed in a process of its own
 (ONNX Runtime's worker threads spin after a run and torch's OpenMP threads wait actively too: either would
-slow the other in one process). Outputs are compared in the parent: max |diff| in grey levels against
+slow the other in one process), in ``--rounds`` rounds that alternate torch and the runtime variants; the
+table shows each side's median over the rounds (this VM's speed drifts by tens of percent within
+minutes, and one measurement per side would credit the drift to one of them). Outputs are compared in the parent: max |diff| in grey levels against
 torch eager. ``fp32-resize`` times an export without the sub-pixel up-sampling (nearest resize + 3x3
 convolution as the model is written; ``gpstoken_export/subpixel.py``), to show what that rewrite gives;
 ``fp32-winograd`` an export with ``--winograd`` (``gpstoken_export/winograd.py``); ``fp32-spinning`` the
@@ -94,6 +96,9 @@ def main() -> None:
                         help="runtime exports to time (default: fp32; int8 is calibrated on held-out photos; "
                              "fp32-resize: without the sub-pixel up-sampling; fp32-winograd: export --winograd; "
                              "fp32-spinning: the fp32 export with ONNX Runtime's default thread spinning)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of torch then each runtime variant, each side in a fresh process; the table "
+                             "shows each side's median over the rounds (default: 3)")
     parser.add_argument("--flops", action="store_true", help="add FLOPs per image and GFLOP/s vs the GEMM peak")
     parser.add_argument("--child", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -112,8 +117,10 @@ def main() -> None:
         from flops import gemm_peak_gflops, tokenizer_flops
 
         peak = gemm_peak_gflops()
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), 256x256, encode + decode incl. partition, "
-          "each side in its own process" + (f"; float32 GEMM peak {peak:.0f} GFLOP/s (numpy, all cores)" if peak else "") + "\n")
+          f"each side in its own process, median of {args.rounds} alternating round(s)" + (f"; float32 GEMM peak {peak:.0f} GFLOP/s (numpy, all cores)" if peak else "") + "\n")
     columns = ["model", "precision", "batch", "torch eager (ms)", "runtime (ms)", "speed-up", "images/s torch",
                "images/s runtime", "max abs diff vs torch (grey levels)"]
     if peak:  # the runtime's graphs may do fewer FLOPs than the model as written (sub-pixel up-sampling)
@@ -146,11 +153,18 @@ def main() -> None:
                     gflop["fp32-winograd"] = sum(sum(v.values()) for v in counts.values()) / 1e9
             for batch in args.batches:
                 reps = repeats if (name == "tiny" or batch == 1) else max(2, repeats // 3)
-                t_torch = time_side("torch", name, folder, "fp32", batch, reps, folder / "torch.npy")
-                reference = np.load(folder / "torch.npy").astype(int)
+                # Rounds alternate the sides, so a slow minute of this shared VM hits both, not one.
+                times = {key: [] for key in ["torch", *args.precisions]}
+                diffs = {}
+                for _ in range(args.rounds):
+                    times["torch"].append(time_side("torch", name, folder, "fp32", batch, reps, folder / "torch.npy"))
+                    reference = np.load(folder / "torch.npy").astype(int)
+                    for precision in args.precisions:
+                        times[precision].append(time_side("runtime", name, folder, precision, batch, reps, folder / "rt.npy"))
+                        diffs[precision] = int(np.abs(reference - np.load(folder / "rt.npy").astype(int)).max())
+                t_torch = float(np.median(times["torch"]))
                 for precision in args.precisions:
-                    t_rt = time_side("runtime", name, folder, precision, batch, reps, folder / "rt.npy")
-                    diff = int(np.abs(reference - np.load(folder / "rt.npy").astype(int)).max())
+                    t_rt, diff = float(np.median(times[precision])), diffs[precision]
                     row = (f"| {name} | {precision} | {batch} | {t_torch:.0f} | {t_rt:.0f} | {t_torch / t_rt:.2f}x | "
                            f"{1000 * batch / t_torch:.1f} | {1000 * batch / t_rt:.1f} | {diff} |")
                     if gflop:

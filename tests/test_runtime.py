@@ -68,6 +68,32 @@ def test_sessions_stop_spinning_after_each_run_unless_asked_and_give_the_same_im
     np.testing.assert_array_equal(stopping.reconstruct(photos[:1]), spinning.reconstruct(photos[:1]))
 
 
+def test_cpu_runs_batches_in_chunks_of_max_batch_with_the_same_results(exported, photos):
+    from gpstoken_runtime import Tokenizer
+
+    def record(tok):
+        sizes = []
+        for name, graph in tok.graphs.items():
+            run = graph.run
+            graph.run = lambda feeds, run=run, name=name: sizes.append((name, len(feeds["g" if name != "encoder" else "image"]))) or run(feeds)
+        return sizes
+
+    default, pairs, whole = Tokenizer.load(exported), Tokenizer.load(exported, max_batch=2), Tokenizer.load(exported, max_batch=8)
+    assert default.max_batch == 1  # ONNX Runtime on the CPU: one image per run
+    calls = {k: record(t) for k, t in (("default", default), ("pairs", pairs), ("whole", whole))}
+    out = {k: t.reconstruct(photos) for k, t in (("default", default), ("pairs", pairs), ("whole", whole))}
+    decoder = [n for n in default.graphs if n != "encoder"][0]
+    assert calls["default"] == [("encoder", 1)] * 3 + [(decoder, 1)] * 3
+    assert calls["pairs"] == [("encoder", 2), ("encoder", 1), (decoder, 2), (decoder, 1)]
+    assert calls["whole"] == [("encoder", 3), (decoder, 3)]
+    for k in ("default", "pairs"):
+        assert out[k].shape == out["whole"].shape
+        assert np.abs(out[k].astype(int) - out["whole"].astype(int)).max() <= 1
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="max_batch"):
+            Tokenizer.load(exported, max_batch=bad)
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -23,7 +23,7 @@ class OnnxRuntimeBackend(Backend):
 
         ``stop_spinning``: the session's worker threads stop busy-waiting when a run returns. ONNX Runtime's
         default keeps them spinning for a while, and every session has its own pool, so the encoder's idle
-        threads took the cores from the decoder (and the partition) that run right after it: 25-30% of a
+        threads took the cores from the decoder (and the partition) that run right after it: 20-30% of a
         tiny-model reconstruction at batch 1 on 2 cores (benchmarks/runtime.py, fp32-spinning). Threads
         still spin inside a run, between its nodes. False restores ONNX Runtime's default."""
         import onnxruntime as ort

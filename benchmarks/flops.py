@@ -19,20 +19,21 @@ from pathlib import Path
 import numpy as np
 
 
-def graph_flops(path: str | Path, feeds: dict[str, np.ndarray]) -> dict[str, int]:
-    """{op type: FLOPs} of one run of the ONNX file on ``feeds``, from the shapes ONNX Runtime reports in its
-    profile (graph optimizations off, so the nodes are the file's; a local function, such as the splat's
-    dense form, is counted through the nodes it inlines to)."""
+def graph_flops(model: str | Path | bytes, feeds: dict[str, np.ndarray]) -> dict[str, int]:
+    """{op type: FLOPs} of one run of the ONNX file (or serialized model) on ``feeds``, from the shapes ONNX
+    Runtime reports in its profile (basic graph optimizations only, so the nodes are the file's, with
+    constant subgraphs such as the Winograd filter transforms folded; a local function, such as the
+    splat's dense form, is counted through the nodes it inlines to)."""
     import json
 
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=["CPUExecutionProvider"])
         session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
     out: dict[str, int] = {}
@@ -72,12 +73,16 @@ def gemm_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def tokenizer_flops(folder: str | Path, image: np.ndarray) -> dict[str, dict[str, int]]:
+def tokenizer_flops(folder: str | Path, image: np.ndarray, winograd: bool | int | None = None) -> dict[str, dict[str, int]]:
     """FLOPs of encoding and decoding ``image`` (H, W, 3 uint8) with a `gpstoken export` folder: the runtime
-    reconstructs it once while its graphs' feeds are recorded, then each graph is counted on them."""
+    reconstructs it once while its graphs' feeds are recorded, then each graph is counted on them, as the
+    runtime runs it on the CPU (``winograd`` as ``Tokenizer.load`` takes it: the convolutions it rewrites)."""
+    import onnx
+    from gpstoken_core.winograd import rewrite_convolutions
     from gpstoken_runtime import Tokenizer
+    from gpstoken_runtime.backends.onnxruntime import winograd_channels
 
-    tok = Tokenizer.load(folder)
+    tok = Tokenizer.load(folder, winograd=winograd)
     seen: dict[str, list] = {}
     for name, backend in tok.graphs.items():
         run = backend.run
@@ -88,12 +93,17 @@ def tokenizer_flops(folder: str | Path, image: np.ndarray) -> dict[str, dict[str
 
         backend.run = record
     tok.reconstruct(image[None])
-    paths = {name: Path(folder) / entry["path"] for name, entry in tok.manifest["files"].items()}
+    channels = winograd_channels(tok.manifest, "cpu", winograd)
     counts: dict[str, dict[str, int]] = {}
     for name, calls in seen.items():
+        model = Path(folder) / tok.manifest["files"][name]["path"]
+        if tok.graphs[name].winograd_convolutions:
+            proto = onnx.load(str(model))
+            rewrite_convolutions(proto, channels)
+            model = proto.SerializeToString()
         total: dict[str, int] = {}
         for feeds in calls:
-            for kind, flops in graph_flops(paths[name], feeds).items():
+            for kind, flops in graph_flops(model, feeds).items():
                 total[kind] = total.get(kind, 0) + flops
         counts[name] = total
     return counts

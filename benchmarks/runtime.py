@@ -1,7 +1,7 @@
 """Encode + decode: torch eager (GPSTokenizer) vs the slim runtime on ONNX Runtime, same weights, one run.
 
     python benchmarks/runtime.py [--quick] [--rounds 3] [--models tiny m128] [--batches 1 8]
-        [--precisions fp32 int8 fp32-resize fp32-winograd fp32-spinning fp32-batched]
+        [--precisions fp32 fp32-direct int8 fp32-resize fp32-winograd fp32-spinning fp32-batched]
 
 Latency at batch 1 and throughput at batch 8 on 256x256 photos, for the tiny model and M128 (random
 weights: timing only). Both sides include the partition. Each side is timed in a process of its own
@@ -11,7 +11,10 @@ table shows each side's median over the rounds (this VM's speed drifts by tens o
 minutes, and one measurement per side would credit the drift to one of them). Outputs are compared in the parent: max |diff| in grey levels against
 torch eager. ``fp32-resize`` times an export without the sub-pixel up-sampling (nearest resize + 3x3
 convolution as the model is written; ``gpstoken_export/subpixel.py``), to show what that rewrite gives;
-``fp32-winograd`` an export with ``--winograd`` (``gpstoken_export/winograd.py``); ``fp32-spinning`` the
+``fp32`` is the default export as the runtime runs it on the CPU (it rewrites the 3x3 convolutions with
+>= 256 channels as Winograd F(4x4,3x3) when loading: ``gpstoken_core.winograd``), ``fp32-direct`` the same
+with ``winograd=False``; ``fp32-winograd`` an export with ``--winograd`` (from 128 channels, the encoder's
+stem included); ``fp32-spinning`` the
 default export with ONNX Runtime's default thread spinning (the runtime stops its threads spinning after
 each run: the encoder's session would slow the decoder's), ``fp32-batched`` the default export run on
 whole batches (the runtime runs one image per graph run on the CPU: ``Tokenizer.load(max_batch=)``). With ``--flops`` the table also shows the FLOPs per image (from the graphs) and the achieved
@@ -80,6 +83,10 @@ def child(side: str, model: str, folder: str, precision: str, batch: int, repeat
             tok = Tokenizer.load(folder + "/fp32", stop_spinning=False)
         elif precision == "fp32-batched":  # the default export, the whole batch in each graph run
             tok = Tokenizer.load(folder + "/fp32", max_batch=batch)
+        elif precision == "fp32-direct":  # the default export, convolutions as exported
+            tok = Tokenizer.load(folder + "/fp32", winograd=False)
+        elif precision == "fp32-resize":
+            tok = Tokenizer.load(folder + "/fp32-resize", winograd=False)
         else:
             tok = Tokenizer.load(folder + "/" + precision)
 
@@ -95,8 +102,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repeats")
     parser.add_argument("--models", nargs="+", default=["tiny", "m128"], help="configs to time (default: tiny m128)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes (default: 1 8)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "int8", "fp32-resize", "fp32-winograd", "fp32-spinning", "fp32-batched"],
-                        help="runtime exports to time (default: fp32; int8 is calibrated on held-out photos; "
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "fp32-direct", "int8", "fp32-resize", "fp32-winograd", "fp32-spinning", "fp32-batched"],
+                        help="runtime exports to time (default: fp32, as the runtime runs it on the CPU; fp32-direct: "
+                             "the same without the runtime's Winograd rewrite; int8 is calibrated on held-out photos; "
                              "fp32-resize: without the sub-pixel up-sampling; fp32-winograd: export --winograd; "
                              "fp32-spinning: the fp32 export with ONNX Runtime's default thread spinning; "
                              "fp32-batched: the fp32 export run on whole batches, not one image per run)")
@@ -148,10 +156,11 @@ def main() -> None:
                 quantize_export(folder / "fp32", folder / "int8")
             gflop = {}
             if peak:
-                for key in ("fp32", "fp32-resize"):
-                    counts = tokenizer_flops(folder / key, photos(1)[0])
+                for key, export, winograd in (("fp32", "fp32", None), ("fp32-direct", "fp32", False), ("fp32-resize", "fp32-resize", False)):
+                    counts = tokenizer_flops(folder / export, photos(1)[0], winograd)
                     gflop[key] = sum(sum(v.values()) for v in counts.values()) / 1e9
-                gflop["int8"] = gflop["fp32-spinning"] = gflop["fp32-batched"] = gflop["fp32"]  # the same graphs (int8 convolutions)
+                gflop["int8"] = gflop["fp32-direct"]  # the same graphs, int8 convolutions
+                gflop["fp32-spinning"] = gflop["fp32-batched"] = gflop["fp32"]
                 if "fp32-winograd" in args.precisions:
                     counts = tokenizer_flops(folder / "fp32-winograd", photos(1)[0])
                     gflop["fp32-winograd"] = sum(sum(v.values()) for v in counts.values()) / 1e9

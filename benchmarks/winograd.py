@@ -2,16 +2,14 @@
 
     python benchmarks/winograd.py [--shapes 512x64 256x128 128x256 128x64] [--batch 1] [--repeats 5]
 
-A measurement behind the README's runtime notes, not part of the export. Winograd's minimal filtering
-(Lavin & Gray 2016, points 0, +-1, +-2, inf) computes each 4x4 output tile of a 3x3 convolution from the
-6x6 input tile around it as A^T [(G g G^T) * (B^T d B)] A: 36 multiplies per tile and channel pair instead
-of 144. In ONNX: the input transform is a 6x6 stride-4 convolution of every channel with the 36 fixed
-B^T x B^T kernels, the multiplies are 36 batched matrix products over the channels (MLAS's GEMM), the
-output transform one matrix product with A^T x A^T, and the tiles are interleaved back into the map. The
-transforms move ~(36/16) x the map through memory, so the gain depends on the channel count.
+The measurement behind the runtime's and the export's choice of which convolutions to rewrite
+(``gpstoken_core.winograd``: Winograd's minimal filtering, Lavin & Gray 2016, as standard ONNX ops; 36
+multiplies per 4x4 output tile and channel pair instead of 144, transforms that move ~36/16 of the map
+through memory, so the gain depends on the channel count and the map size).
 
-Each shape (channels x map side, channels in = out) is exported from torch both ways, run by ONNX
-Runtime on all cores; the table gives medians and the max error relative to a float64 convolution.
+Each shape (channels x map side, channels in = out) is exported from torch as one Conv and run by ONNX
+Runtime on all cores as it is and rewritten; the table gives medians and the max error relative to a
+float64 convolution.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from gpstoken_export.winograd import WinogradConv3x3
+from gpstoken_core.winograd import rewrite_convolutions
 
 
 def main() -> None:
@@ -31,7 +29,6 @@ def main() -> None:
     import numpy as np
     import onnx
     import onnxruntime as ort
-    from gpstoken_export.subpixel import fold_pads_into_convs
     from timing import median_ms
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,13 +48,14 @@ def main() -> None:
             exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1).numpy()
         row = {}
         with tempfile.TemporaryDirectory() as tmp:
-            for name, module in (("direct", conv), ("winograd", WinogradConv3x3(conv))):
-                path = str(Path(tmp) / f"{name}.onnx")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(module, (x,), path, dynamo=False, opset_version=18, input_names=["x"])
+            path = str(Path(tmp) / "conv.onnx")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(conv, (x,), path, dynamo=False, opset_version=18, input_names=["x"])
+            for name in ("direct", "winograd"):
                 proto = onnx.load(path)
-                fold_pads_into_convs(proto)
+                if name == "winograd" and rewrite_convolutions(proto, 1) != 1:
+                    raise SystemExit("the convolution was not rewritten")
                 session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
                 feeds = {"x": x.numpy()}
                 error = float(np.abs(session.run(None, feeds)[0] - exact).max() / np.abs(exact).max())

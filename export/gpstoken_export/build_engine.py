@@ -28,6 +28,7 @@ from gpstoken_core.manifest import (
     ENCODER,
     GENERATOR,
     ExportError,
+    has_winograd,
     read_generator_manifest,
     read_manifest,
     tensorrt_section,
@@ -129,7 +130,7 @@ def build_engines(folder: str | Path, plugin: str | Path | None = None, max_batc
     folder = Path(folder)
     manifest = read_any_manifest(folder)
     generator = GENERATOR in manifest
-    if manifest.get("decoder_convolutions", "direct") != "direct":
+    if has_winograd(manifest):
         raise ValueError(f"{folder} was exported with --winograd (for ONNX Runtime on CPUs); TensorRT engines are "
                          "built from an export without it (TensorRT chooses its own convolution algorithms)")
     if generator:

@@ -21,10 +21,10 @@ from gpstoken.tokenizer import GPSTokenizer
 from gpstoken_core.files import atomic_folder
 from gpstoken_core.manifest import ENCODER, graph_entry, write_manifest
 from gpstoken_core.tiling import DECODE_MODES, TILE, DecoderSpec, decoder_specs
+from gpstoken_core.winograd import MIN_CHANNELS as WINOGRAD_MIN_CHANNELS
 
 from .onnx_export import export_decoder, export_encoder, to_float16
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, SPLAT_ATTRIBUTES
-from .winograd import MIN_CHANNELS as WINOGRAD_MIN_CHANNELS
 
 
 def _io(model: onnx.ModelProto) -> dict:
@@ -65,9 +65,11 @@ def export_model(
     ``subpixel=False`` keeps the decoder's up-sampling as nearest-resize + 3x3 convolution instead of the
     sub-pixel form (``subpixel.py``); for comparisons only, the outputs agree to float rounding.
 
-    ``winograd=True``: the decoders' 3x3 convolutions with >= ``winograd.MIN_CHANNELS`` channels in and out
-    as Winograd F(4x4, 3x3) (``winograd.py``), for ONNX Runtime on CPUs: faster there, ~1e-5 relative
-    error per convolution; float32 only, and neither for TensorRT engines nor int8 variants."""
+    ``winograd=True``: the 3x3 convolutions with >= ``gpstoken_core.winograd.MIN_CHANNELS`` channels in and
+    out (decoders and the encoder's stem) as Winograd F(4x4, 3x3), for ONNX Runtime on CPUs: faster there,
+    ~1e-5 relative error per convolution; float32 only, and neither for TensorRT engines nor int8
+    variants. (The slim runtime applies the same rewrite itself to the widest convolutions of a float32
+    export it runs on a CPU; this bakes it in, from fewer channels.)"""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if winograd and dtype != "float32":
@@ -85,7 +87,8 @@ def export_model(
     model = model.eval().float().cpu()
     tokens = cfg.tokens_per_tile
     with atomic_folder(out) as tmp:
-        graphs = {ENCODER: (export_encoder(model, tmp / "encoder.onnx", (cfg.tile, cfg.tile), tokens), None)}
+        graphs = {ENCODER: (export_encoder(model, tmp / "encoder.onnx", (cfg.tile, cfg.tile), tokens,
+                                           WINOGRAD_MIN_CHANNELS if winograd else None), None)}
         for spec in specs:
             name = graph_name(spec, cfg.tile)
             tiles = spec.grid[0] * spec.grid[1]
@@ -107,6 +110,7 @@ def export_model(
                 "onnx_opset": ONNX_OPSET,
                 "decoder_upsampling": "subpixel" if subpixel else "resize",
                 "decoder_convolutions": WINOGRAD if winograd else "direct",
+                "encoder_convolutions": WINOGRAD if winograd else "direct",
                 "exporter": {"gpstoken": gpstoken.__version__, "torch": torch.__version__, "onnx": onnx.__version__},
                 "files": {name: graph_entry(tmp / f"{name}.onnx", _io(proto), spec) for name, (proto, spec) in graphs.items()},
             },

@@ -14,9 +14,9 @@ from gpstoken.splatting import SPLAT_OP
 from gpstoken.tokenizer import GPSTokenizer
 from gpstoken_core.official import TOKENS_PER_TILE
 from gpstoken_core.tiling import TILE
+from gpstoken_core.winograd import rewrite_convolutions
 
 from .subpixel import fold_pads_into_convs, subpixel_upsampling
-from .winograd import winograd_convolutions
 from .splat_function import DOMAIN, DOMAIN_VERSION, ONNX_OPSET, OP_TYPE, add_splat_function, drop_splat_function
 
 _registered = False
@@ -105,7 +105,7 @@ def export_decoder(
     """``subpixel``: write the up-sampling convolutions in sub-pixel form (``subpixel.py``: 2.25x fewer
     FLOPs there, same function); False keeps nearest-resize + 3x3 convolution as the model is written.
     ``winograd_min_channels``: 3x3 convolutions with at least that many input and output channels as
-    Winograd F(4x4, 3x3) (``winograd.py``, for ONNX Runtime on CPUs); None: none."""
+    Winograd F(4x4, 3x3) (``gpstoken_core.winograd``, for ONNX Runtime on CPUs); None: none."""
     register_splat_symbolic()
     path = Path(path)
     model = model.eval()
@@ -114,7 +114,6 @@ def export_decoder(
     with (
         warnings.catch_warnings(),
         subpixel_upsampling(model) if subpixel else nullcontext(),
-        winograd_convolutions(model, winograd_min_channels) if winograd_min_channels else nullcontext(),
     ):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
@@ -132,8 +131,20 @@ def export_decoder(
     if subpixel or winograd_min_channels:
         proto = onnx.load(str(path))
         fold_pads_into_convs(proto)
+        with_winograd(proto, winograd_min_channels)
         onnx.save(proto, str(path))
     return finish(path)
+
+
+def with_winograd(proto: onnx.ModelProto, min_channels: int | None) -> onnx.ModelProto:
+    """The wide 3x3 convolutions of ``proto`` rewritten as Winograd F(4x4, 3x3), in place (none if
+    ``min_channels`` is None); shapes are inferred first so that maps of a static size skip the crop."""
+    if min_channels:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(inferred.graph.value_info)
+        rewrite_convolutions(proto, min_channels)
+    return proto
 
 
 class EncoderGraph(nn.Module):
@@ -148,8 +159,11 @@ class EncoderGraph(nn.Module):
 
 
 def export_encoder(
-    model: GPSTokenizer, path: str | Path, image_size=(TILE, TILE), tokens: int = TOKENS_PER_TILE
+    model: GPSTokenizer, path: str | Path, image_size=(TILE, TILE), tokens: int = TOKENS_PER_TILE,
+    winograd_min_channels: int | None = None,
 ) -> onnx.ModelProto:
+    """``winograd_min_channels``: the stem's 3x3 convolutions with at least that many channels in and out as
+    Winograd F(4x4, 3x3) for tiles of any size (``gpstoken_core.winograd``); None: none."""
     import numpy as np
 
     from gpstoken_core.imageio import bundled_photo, center_crop_resize
@@ -179,7 +193,7 @@ def export_encoder(
                 "f": {0: "batch", 1: "tokens"},
             },
         )
-    model_proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    model_proto = onnx.shape_inference.infer_shapes(with_winograd(onnx.load(str(path)), winograd_min_channels))
     onnx.checker.check_model(model_proto, full_check=True)
     onnx.save(model_proto, str(path))
     return model_proto

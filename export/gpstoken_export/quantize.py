@@ -29,7 +29,7 @@ import numpy as np
 
 from gpstoken_core.files import atomic_folder, sha256_file
 from gpstoken_core.imageio import bundled_photo, center_crop_resize
-from gpstoken_core.manifest import ENCODER, read_manifest, write_manifest
+from gpstoken_core.manifest import ENCODER, has_winograd, read_manifest, write_manifest
 from gpstoken_core.metrics import psnr, ssim
 
 INT8_FOLDER = "int8"
@@ -129,9 +129,9 @@ def quantize_export(folder: str | Path, out: str | Path | None = None, images: l
         raise ValueError(f"{folder}: already an int8 export")
     if manifest["dtype"] != "float32":
         raise ValueError(f"{folder}: int8 variants are made from float32 exports (this one is {manifest['dtype']})")
-    if manifest.get("decoder_convolutions", "direct") != "direct":
+    if has_winograd(manifest):
         raise ValueError(f"{folder}: int8 variants are made from exports without --winograd (its transforms would be quantized)")
-    fp32 = Tokenizer.load(folder)
+    fp32 = Tokenizer.load(folder, winograd=False)  # calibrate on the graphs as they are quantized
     h, w = fp32.image_size
     feeds = _record_feeds(fp32, images if images is not None else calibration_images((h, w)))
     quantized = sorted(name for name in manifest["files"] if name != ENCODER)

@@ -14,6 +14,7 @@ engines, and this manifest. Version 2 (this schema):
                                     up-sampling (gpstoken_export.subpixel); informational, the graphs agree
     decoder_convolutions (optional) "direct" | "winograd F(4x4,3x3) from N channels" (gpstoken export
                                     --winograd, for ONNX Runtime on CPUs; no TensorRT engines or int8 from it)
+    encoder_convolutions (optional) the same for the encoder's stem (gpstoken_core.winograd)
     files                           graph name -> {path, sha256, inputs, outputs}; decoder graphs also
                                     {image_size: [H, W], grid: [rows, cols]} (gpstoken_core.tiling.DecoderSpec)
     tensorrt (optional)             {version, gpu, compute_capability, plugin, profiles, files: name -> {path, sha256}}
@@ -55,6 +56,11 @@ REQUIRED_FIELDS = ("model_config", "tile", "tokens_per_tile", "feature_channels"
 
 class ExportError(ValueError):
     """An export folder is missing, damaged or inconsistent; the message names the file and field."""
+
+
+def has_winograd(manifest: dict) -> bool:
+    """Whether an export's graphs hold Winograd convolutions (``gpstoken export --winograd``)."""
+    return any(manifest.get(field, "direct") != "direct" for field in ("decoder_convolutions", "encoder_convolutions"))
 
 
 def graph_entry(path: Path, io: dict, spec: DecoderSpec | None = None) -> dict:

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     rec.add_argument("--precision", choices=["float", "int8"], default=None,
                      help="int8: the export's int8 variant (MODEL/int8, from `gpstoken export --int8`); default: the export as it is")
+    rec.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
+                     help="3x3 convolutions as Winograd F(4x4,3x3) on ONNX Runtime's CPU provider: auto (default) "
+                          "those with >= 256 channels in a float32 export, on from 128 channels, off as exported")
     rec.add_argument("--out", type=Path, default=Path("reconstruction.png"), help="output picture (default reconstruction.png)")
     gen = sub.add_parser("generate", help="sample images of a class from a `gpstoken export-generator` folder; writes PNGs")
     gen.add_argument("--model", required=True, type=Path, help="generator export folder (manifest.json with a generator section)")
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = {"plugin_library": args.plugin} if args.backend == "tensorrt" else {}
+        if args.winograd != "auto":
+            options["winograd"] = args.winograd == "on"
         tok = Tokenizer.load(args.model, backend=args.backend, device=args.device, threads=args.threads,
                              precision=args.precision, **options)
         image = imageio.load_image(args.image)
@@ -92,6 +97,8 @@ def _generate(args: argparse.Namespace) -> int:
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")
         options = {"plugin_library": args.plugin} if args.backend == "tensorrt" else {}
+        if args.winograd != "auto":
+            options["winograd"] = args.winograd == "on"
         generator = Generator.load(args.model, backend=args.backend, threads=args.threads, **options)
         t0 = time.perf_counter()
         images = generator.sample([args.label] * args.num, seed=args.seed, cfg_scale=args.cfg_scale, steps=args.steps, sampler=args.sampler)

@@ -58,7 +58,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
-             precision: str | None = None, max_batch: int | None = None, **backend_options) -> Tokenizer:
+             precision: str | None = None, max_batch: int | None = None, winograd: bool | int | None = None,
+             **backend_options) -> Tokenizer:
         """Load every graph of an export folder on ``backend`` (onnxruntime, tensorrt).
 
         ``precision="int8"``: the folder's int8 variant (``FOLDER/int8``, written by ``gpstoken export --int8``
@@ -68,7 +69,12 @@ class Tokenizer:
         ``max_batch``: images per graph run, larger batches are run in chunks of it. Default: 1 on ONNX
         Runtime's CPU provider (one image's maps already make large GEMMs; more images only push the
         maps out of the caches: the tiny decoder took 241 instead of 208 ms per image at batch 8),
-        the whole batch on a GPU."""
+        the whole batch on a GPU.
+
+        ``winograd`` (ONNX Runtime): None (default) runs a float32 export's 3x3 convolutions with >= 256
+        channels in and out as Winograd F(4x4, 3x3) on the CPU (rewritten when loading,
+        ``gpstoken_core.winograd``; M128's decoder ~1.3x faster, outputs within one grey level; the tiny
+        model has none so wide); True from 128 channels, an int from that many, False as the files are."""
         folder = Path(folder)
         manifest = read_manifest(folder)
         if precision not in (None, "float", "int8"):
@@ -83,6 +89,10 @@ class Tokenizer:
                 raise ValueError(f"{folder}/manifest.json: field 'precision' is not 'int8'")
         if max_batch is None and backend == "onnxruntime" and device == "cpu":
             max_batch = 1
+        if backend == "onnxruntime":
+            backend_options["winograd"] = winograd
+        elif winograd:
+            raise ValueError("winograd convolutions are for the onnxruntime backend on the CPU")
         return cls(folder, manifest, load_graphs(folder, manifest, backend, device, threads, **backend_options), max_batch)
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -12,9 +12,9 @@ minutes, and one measurement per side would credit the drift to one of them). Ou
 torch eager. ``fp32-resize`` times an export without the sub-pixel up-sampling (nearest resize + 3x3
 convolution as the model is written; ``gpstoken_export/subpixel.py``), to show what that rewrite gives;
 ``fp32`` is the default export as the runtime runs it on the CPU (it rewrites the 3x3 convolutions with
->= 256 channels as Winograd F(4x4,3x3) when loading: ``gpstoken_core.winograd``), ``fp32-direct`` the same
-with ``winograd=False``; ``fp32-winograd`` an export with ``--winograd`` (from 128 channels, the encoder's
-stem included); ``fp32-spinning`` the
+>= 128 channels as Winograd F(4x4,3x3) when loading: ``gpstoken_core.winograd``), ``fp32-direct`` the same
+with ``winograd=False``; ``fp32-winograd`` an export with ``--winograd`` (the same rewrite in the files);
+``fp32-spinning`` the
 default export with ONNX Runtime's default thread spinning (the runtime stops its threads spinning after
 each run: the encoder's session would slow the decoder's), ``fp32-batched`` the default export run on
 whole batches (the runtime runs one image per graph run on the CPU: ``Tokenizer.load(max_batch=)``). With ``--flops`` the table also shows the FLOPs per image (from the graphs) and the achieved

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-MIN_CHANNELS = 128  # ``gpstoken export --winograd``: below, the transforms cost about what they save
-AUTO_MIN_CHANNELS = 256  # the runtime's default on CPUs: where it paid on every map size measured
+# Below, the transforms cost about what they save (32 channels: slower; 128 at 64x64: even; 128 at 256x256
+# and wider: faster; benchmarks/winograd.py and the README's runtime notes)
+MIN_CHANNELS = 128
 TILE = 4  # output tile side
 WINDOW = 6  # input tile side (TILE + 3 - 1)
 

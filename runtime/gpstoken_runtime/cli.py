@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--precision", choices=["float", "int8"], default=None,
                      help="int8: the export's int8 variant (MODEL/int8, from `gpstoken export --int8`); default: the export as it is")
     rec.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
-                     help="3x3 convolutions as Winograd F(4x4,3x3) on ONNX Runtime's CPU provider: auto (default) "
-                          "those with >= 256 channels in a float32 export, on from 128 channels, off as exported")
+                     help="3x3 convolutions with >= 128 channels as Winograd F(4x4,3x3) on ONNX Runtime's CPU provider: "
+                          "auto (default) in float32 exports, on (an error where it does not apply), off: as exported")
     rec.add_argument("--out", type=Path, default=Path("reconstruction.png"), help="output picture (default reconstruction.png)")
     gen = sub.add_parser("generate", help="sample images of a class from a `gpstoken export-generator` folder; writes PNGs")
     gen.add_argument("--model", required=True, type=Path, help="generator export folder (manifest.json with a generator section)")

@@ -71,10 +71,10 @@ class Tokenizer:
         maps out of the caches: the tiny decoder took 241 instead of 208 ms per image at batch 8),
         the whole batch on a GPU.
 
-        ``winograd`` (ONNX Runtime): None (default) runs a float32 export's 3x3 convolutions with >= 256
+        ``winograd`` (ONNX Runtime): None (default) runs a float32 export's 3x3 convolutions with >= 128
         channels in and out as Winograd F(4x4, 3x3) on the CPU (rewritten when loading,
-        ``gpstoken_core.winograd``; M128's decoder ~1.3x faster, outputs within one grey level; the tiny
-        model has none so wide); True from 128 channels, an int from that many, False as the files are."""
+        ``gpstoken_core.winograd``: M128's decoder ~1.45x faster, images within one grey level); True the
+        same, an error where it does not apply; an int from that many channels; False as the files are."""
         folder = Path(folder)
         manifest = read_manifest(folder)
         if precision not in (None, "float", "int8"):

@@ -12,17 +12,17 @@ from .base import Backend
 
 def winograd_channels(manifest: dict, device: str, winograd: bool | int | None) -> int | None:
     """The channel count from which the runtime rewrites an export's 3x3 convolutions as Winograd F(4x4, 3x3)
-    (``gpstoken_core.winograd``), or None. ``winograd``: None (default) rewrites those with >= 256 channels in
-    and out where that is measured to pay, float32 tokenizer graphs on the CPU; True from 128 channels (as
-    ``gpstoken export --winograd``); an int from that many; False never. Asking for it where it does not
-    apply (GPU, float16, int8) is an error."""
+    (``gpstoken_core.winograd``), or None. ``winograd``: None (default) rewrites those with >= 128 channels in
+    and out (``MIN_CHANNELS``, as ``gpstoken export --winograd``) of float32 tokenizer graphs on the CPU and
+    leaves other graphs alone; True the same, but asking for it where it does not apply (GPU, float16, int8)
+    is an error; an int: from that many channels; False never."""
     from gpstoken_core.manifest import GENERATOR, has_winograd
-    from gpstoken_core.winograd import AUTO_MIN_CHANNELS, MIN_CHANNELS
+    from gpstoken_core.winograd import MIN_CHANNELS
 
     if winograd is False:
         return None
     if isinstance(winograd, bool) or winograd is None:
-        channels = MIN_CHANNELS if winograd else AUTO_MIN_CHANNELS
+        channels = MIN_CHANNELS
     elif isinstance(winograd, int) and winograd >= 1:
         channels = winograd
     else:

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime", help="onnxruntime (default) or tensorrt")
     gen.add_argument("--plugin", type=Path, help="libgpstoken_trt.so for --backend tensorrt (default: $GPSTOKEN_TRT_PLUGIN)")
     gen.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    gen.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
+                     help="the tokenizer's 3x3 convolutions with >= 128 channels as Winograd F(4x4,3x3) on ONNX Runtime's "
+                          "CPU provider: auto (default) in float32 exports, on (an error where it does not apply), off")
     gen.add_argument("--out", type=Path, default=Path("generated"), help="output folder (default generated/)")
     args = parser.parse_args(argv)
     if args.command == "generate":

@@ -85,9 +85,10 @@ def register(sub) -> None:
     exp.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                      help="graph precision (default float32); float16 is what TensorRT 11 needs for an fp16 engine")
     exp.add_argument("--winograd", action="store_true",
-                     help="for ONNX Runtime on CPUs: the decoder's 3x3 convolutions with >= 128 channels as Winograd "
-                          "F(4x4,3x3) (fewer multiplies; ~1e-5 relative error per convolution); float32 only, not for "
-                          "TensorRT engines or int8 variants")
+                     help="for ONNX Runtime on CPUs: the 3x3 convolutions with >= 128 channels (decoders and the encoder's "
+                          "stem) as Winograd F(4x4,3x3) in the files (fewer multiplies; ~1e-5 relative error per "
+                          "convolution); float32 only, not for TensorRT engines or int8 variants. The slim runtime "
+                          "applies the same rewrite itself when it loads a plain export on a CPU")
     exp.add_argument("--int8", action="store_true",
                      help="also write OUT/int8/: the decoder's convolutions in int8 for ONNX Runtime on the CPU (static "
                           "quantization calibrated on the bundled photos; quality measured on held-out photos and recorded)")

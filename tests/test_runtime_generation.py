@@ -207,6 +207,10 @@ def test_generator_manifest_validates_and_rejects_mismatches(exported, tmp_path)
     with pytest.raises(ExportError, match="'generator' is missing"):
         Generator.load(exported / "tokenizer")
     gen = Generator.load(exported)
+    # the tokenizer's options go to the tokenizer only (the velocity graphs' backend would refuse them)
+    plain = Generator.load(exported, max_batch=2, winograd=False)
+    assert plain.tokenizer.max_batch == 2 and all(g.winograd_convolutions == 0 for g in plain.tokenizer.graphs.values())
+    assert gen.tokenizer.max_batch == 1
     with pytest.raises(ValueError, match=r"unknown class id\(s\) \[10\]"):
         gen.sample([1, 10], steps=2)
     with pytest.raises(ValueError, match="unknown sampler"):

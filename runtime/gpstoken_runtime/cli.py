@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         options = {"plugin_library": args.plugin} if args.backend == "tensorrt" else {}
-        if args.winograd != "auto":
+        if args.winograd != "auto":  # Tokenizer.load refuses it on TensorRT
             options["winograd"] = args.winograd == "on"
         tok = Tokenizer.load(args.model, backend=args.backend, device=args.device, threads=args.threads,
                              precision=args.precision, **options)
@@ -100,7 +100,7 @@ def _generate(args: argparse.Namespace) -> int:
         if args.num < 1:
             raise ValueError(f"--num must be >= 1, got {args.num}")
         options = {"plugin_library": args.plugin} if args.backend == "tensorrt" else {}
-        if args.winograd != "auto":
+        if args.winograd != "auto":  # Tokenizer.load refuses it on TensorRT
             options["winograd"] = args.winograd == "on"
         generator = Generator.load(args.model, backend=args.backend, threads=args.threads, **options)
         t0 = time.perf_counter()

@@ -65,15 +65,17 @@ class Generator:
 
     @classmethod
     def load(cls, folder: str | Path, backend: str = "onnxruntime", device: str = "cpu", threads: int | None = None,
-             **backend_options) -> Generator:
-        """Load a generator export (velocity graphs on ``backend``) and the tokenizer export it carries."""
+             max_batch: int | None = None, winograd: bool | int | None = None, **backend_options) -> Generator:
+        """Load a generator export (velocity graphs on ``backend``) and the tokenizer export it carries;
+        ``max_batch`` and ``winograd`` are the tokenizer's (``Tokenizer.load``)."""
         folder = Path(folder)
         manifest, tok_folder = read_generator_manifest(folder)
         tok_options = dict(backend_options)
         if backend == "tensorrt":
             backend_options.setdefault("cuda_graph", True)  # a velocity graph runs at one shape per stage
         graphs = load_graphs(folder, manifest, backend, device, threads, **backend_options)
-        tokenizer = Tokenizer.load(tok_folder, backend=backend, device=device, threads=threads, **tok_options)
+        tokenizer = Tokenizer.load(tok_folder, backend=backend, device=device, threads=threads, max_batch=max_batch,
+                                   winograd=winograd, **tok_options)
         bank = None
         if "layout_bank" in manifest["generator"]:
             path = folder / manifest["generator"]["layout_bank"]["path"]

@@ -115,6 +115,42 @@ def test_weights_shared_with_another_node_stay():
     assert np.abs(run(model, x) - ref).max() <= 5e-5 * np.abs(ref).max()
 
 
+def test_filters_handed_over_in_memory():
+    """With ``filters_out`` the transformed filters stay out of the model (placeholders naming external data
+    at IN_MEMORY, no weights left in the graph) and the dict holds them in float32 (float64 G g G^T to float32
+    rounding); ONNX Runtime given them as external initializers computes the convolution, and so does the
+    runtime's CPU backend, which also hands over the file's other large weights that way."""
+    from gpstoken_core.winograd import IN_MEMORY
+    from gpstoken_runtime.backends.onnxruntime import _serialize_with_weights_in_memory
+
+    model, original = conv_model(16, 24, size=(10, 13)), conv_model(16, 24, size=(10, 13))
+    filters = {}
+    assert rewrite_convolutions(model, 8, filters) == 1
+    (name, array), = filters.items()
+    weight = numpy_helper.to_array(next(i for i in original.graph.initializer if i.name == "w"))
+    assert array.dtype == np.float32 and array.shape == (36, 24, 16)
+    np.testing.assert_allclose(array, transformed_filters(weight), rtol=0, atol=2e-6 * np.abs(array).max())
+    inits = {i.name: i for i in model.graph.initializer}
+    assert "w" not in inits and "Gemm" not in {n.op_type for n in model.graph.node}
+    placeholder = inits[name]
+    assert placeholder.data_location == TensorProto.EXTERNAL and not placeholder.raw_data
+    assert {e.key: e.value for e in placeholder.external_data} == {"location": IN_MEMORY, "offset": "0", "length": str(array.nbytes)}
+    x = np.random.default_rng(5).standard_normal((2, 16, 10, 13)).astype(np.float32)
+    ref = direct(original, x)
+    options = ort.SessionOptions()
+    options.add_external_initializers([name], [ort.OrtValue.ortvalue_from_numpy(array)])
+    out = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(out - ref).max() <= 5e-5 * np.abs(ref).max()
+    # the backend's hand-over: every float32 initializer from 64 bytes here (the filters, the bias, the
+    # input and output transforms)
+    model, filters, options = conv_model(16, 24, size=(10, 13)), {}, ort.SessionOptions()
+    rewrite_convolutions(model, 8, filters)
+    serialized, values = _serialize_with_weights_in_memory(model, filters, options, min_bytes=64)
+    assert len(values) == 4 and b"gpstoken-in-memory" in serialized and len(serialized) < array.nbytes
+    out = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(out - ref).max() <= 5e-5 * np.abs(ref).max()
+
+
 def test_old_opsets_are_refused():
     model = conv_model(8, 8)
     model.opset_import[0].version = 13

@@ -27,6 +27,8 @@ import numpy as np
 # and wider: faster; benchmarks/winograd.py and the README's runtime notes)
 MIN_CHANNELS = 128
 TILE = 4  # output tile side
+# the external-data location of initializers whose arrays a runtime is handed in memory (never a file)
+IN_MEMORY = "gpstoken-in-memory"
 WINDOW = 6  # input tile side (TILE + 3 - 1)
 
 # F(4x4, 3x3): data transform B^T (6x6), filter transform G (6x3), output transform A^T (4x6).
@@ -40,11 +42,13 @@ def winograd_matrices() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(np.array(m, dtype=np.float64) for m in (_BT, _G, _AT))
 
 
-def transformed_filters(weight: np.ndarray) -> np.ndarray:
-    """(out, in, 3, 3) -> (36, out, in): G g G^T for each channel pair, one matrix per tile position."""
+def transformed_filters(weight: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """(out, in, 3, 3) -> (36, out, in): G g G^T for each channel pair, one matrix per tile position,
+    computed in ``dtype``."""
     _, g, _ = winograd_matrices()
     out, inp = weight.shape[:2]
-    return (weight.astype(np.float64).reshape(out * inp, 9) @ np.kron(g, g).T).T.reshape(WINDOW * WINDOW, out, inp)
+    kernels = weight.astype(dtype, copy=False).reshape(out * inp, 9)
+    return (np.kron(g, g).astype(dtype) @ kernels.T).reshape(WINDOW * WINDOW, out, inp)
 
 
 def input_transform() -> np.ndarray:
@@ -91,11 +95,17 @@ def wide_convolutions(model, min_channels: int = MIN_CHANNELS) -> list:
     return [node for node in model.graph.node if _eligible(node, initializers, min_channels)]
 
 
-def rewrite_convolutions(model, min_channels: int = MIN_CHANNELS) -> int:
+def rewrite_convolutions(model, min_channels: int = MIN_CHANNELS, filters_out: dict | None = None) -> int:
     """Rewrite, in place, every plain 3x3 convolution of ``model``'s main graph with at least
     ``min_channels`` channels in and out as Winograd F(4x4, 3x3) in standard ONNX ops (opset >= 18); returns
     how many were rewritten. Weights no other node uses are dropped; the same function of the input
-    otherwise, to float rounding."""
+    otherwise, to float rounding.
+
+    The transformed filters G g G^T are computed in the graph from the 3x3 weights (a file keeps its size;
+    ONNX Runtime folds them when it loads the graph: ~1.4 s for M128's decoder), or, with a dict as
+    ``filters_out``, here: the model then names each as an initializer with external data at
+    ``IN_MEMORY`` and the dict maps that name to its float32 array, for a runtime that takes initializers
+    from memory (ONNX Runtime's ``add_external_initializers``; ``gpstoken_runtime``'s CPU backend)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -162,9 +172,14 @@ def rewrite_convolutions(model, min_channels: int = MIN_CHANNELS) -> int:
         # (kept out of the file: the transformed filters are 4x the weights)
         # (one product with G (x) G, the weights transposed inside the GEMM: thousands of 6x3 products, or
         # a Transpose node, took seconds to fold for M128's decoder)
-        kernels = op("Reshape", [node.input[1], shared["kernels"]])  # (out*in, 9)
-        filters = op("Gemm", [shared["gg"], kernels], transB=1)  # (36, out*in)
-        filters = op("Reshape", [filters, const(f"{p}/shape_36_o_i", np.array([WINDOW * WINDOW, out_ch, in_ch], np.int64))])
+        if filters_out is None:
+            kernels = op("Reshape", [node.input[1], shared["kernels"]])  # (out*in, 9)
+            transformed = op("Gemm", [shared["gg"], kernels], transB=1)  # (36, out*in)
+            transformed = op("Reshape", [transformed, const(f"{p}/shape_36_o_i", np.array([WINDOW * WINDOW, out_ch, in_ch], np.int64))])
+        else:
+            transformed = fresh(f"{p}/filters")
+            filters_out[transformed] = transformed_filters(numpy_helper.to_array(initializers[node.input[1]]), np.float32)
+            new_inits.append(in_memory_placeholder(transformed, filters_out[transformed]))
         shape = op("Shape", [x])
         batch = op("Slice", [shape, shared["zero"], shared["one"]])
         hw = op("Slice", [shape, shared["two"], shared["four_axis"]])
@@ -175,7 +190,7 @@ def rewrite_convolutions(model, min_channels: int = MIN_CHANNELS) -> int:
         tiles = op("Conv", [planes, shared["input"]], kernel_shape=[WINDOW, WINDOW], strides=[TILE, TILE], pads=[1, 1, 4, 4])
         tiles = op("Reshape", [tiles, op("Concat", [batch, const(f"{p}/shape_c_36_-1", np.array([in_ch, WINDOW * WINDOW, -1], np.int64))], axis=0)])
         tiles = op("Transpose", [tiles], perm=[0, 2, 1, 3])  # (N, 36, C, tiles)
-        products = op("MatMul", [filters, tiles])  # (N, 36, out, tiles)
+        products = op("MatMul", [transformed, tiles])  # (N, 36, out, tiles)
         outputs = op("MatMul", [shared["output"], op("Reshape", [products, shared["flat36"]])])  # (N, 16, out*tiles)
         per_tile = const(f"{p}/shape_0_16_o", np.array([0, TILE * TILE, out_ch], np.int64))
         outputs = op("Reshape", [outputs, op("Concat", [per_tile, grid], axis=0)])  # (N, 16, out, rows, cols)
@@ -207,7 +222,20 @@ def rewrite_convolutions(model, min_channels: int = MIN_CHANNELS) -> int:
     del graph.node[:]
     graph.node.extend(kept)
     used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    keep = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep + [init for init in new_inits if init.name in used])
+    for index in reversed(range(len(graph.initializer))):  # in place: copying M128's weights took 1.4 s
+        if graph.initializer[index].name not in used:
+            del graph.initializer[index]
+    graph.initializer.extend(init for init in new_inits if init.name in used)
     return len(targets)
+
+
+def in_memory_placeholder(name: str, array: np.ndarray):
+    """An initializer that stands for ``array`` without its bytes: external data at ``IN_MEMORY``."""
+    from onnx import TensorProto, helper
+
+    init = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+    init.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", IN_MEMORY), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+    return init

@@ -73,7 +73,7 @@ class Tokenizer:
 
         ``winograd`` (ONNX Runtime): None (default) runs a float32 export's 3x3 convolutions with >= 128
         channels in and out as Winograd F(4x4, 3x3) on the CPU (rewritten when loading,
-        ``gpstoken_core.winograd``: M128's decoder ~1.45x faster, images within one grey level, but ~5 s
+        ``gpstoken_core.winograd``: M128's decoder ~1.45x faster, images within one grey level, but ~2 s
         more to load on a 2-core VM); True the same, an error where it does not apply; an int from that
         many channels; False as the files are."""
         folder = Path(folder)

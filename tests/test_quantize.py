@@ -65,9 +65,46 @@ def test_only_the_decoder_convolutions_below_output_resolution_are_int8(exported
         n.name for n in model.graph.node if n.op_type == "Conv" and n.name.startswith((f"/decoder/stages.{last}/", "/decoder/conv_out/")))
     for q in (n for n in model.graph.node if n.op_type == "QuantizeLinear"):
         consumers = [n for n in model.graph.node if q.output[0] in n.input]
-        assert all(c.op_type == "DequantizeLinear" for c in consumers)
+        assert all(c.op_type in ("DequantizeLinear", "Shape") for c in consumers)
+    # Shape nodes read the quantized tensors, not a DequantizeLinear's output (ONNX Runtime would copy the
+    # DequantizeLinear, a full float pass, for each of them)
+    dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    shapes = [n for n in model.graph.node if n.op_type == "Shape"]
+    assert not any(n.input[0] in dequantized for n in shapes)
+    assert sum(n.input[0] in producers and producers[n.input[0]].op_type == "QuantizeLinear" for n in shapes) >= 8
     # The encoder is copied unchanged.
     assert (exported / "encoder.onnx").read_bytes() == (exported / "int8" / "encoder.onnx").read_bytes()
+
+
+def test_shape_nodes_read_the_quantized_tensor():
+    """x -> Q -> DQ -> {Relu, Shape}: the Shape moves to Q's output, same values; other nodes keep the DQ."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gpstoken_export.quantize import shapes_before_dequantize
+
+    scale, zero = numpy_helper.from_array(np.float32(0.05), "s"), numpy_helper.from_array(np.uint8(128), "z")
+    graph = helper.make_graph([
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+        helper.make_node("Relu", ["xd"], ["y"]),
+        helper.make_node("Shape", ["xd"], ["shape"]),
+        helper.make_node("Shape", ["x"], ["shape_of_float"]),
+    ], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3, "h", "w"]), helper.make_tensor_value_info("shape", TensorProto.INT64, [4]),
+         helper.make_tensor_value_info("shape_of_float", TensorProto.INT64, [4])], [scale, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, 7)).astype(np.float32)
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert shapes_before_dequantize(model) == 1
+    onnx.checker.check_model(model)
+    assert [list(n.input) for n in model.graph.node if n.op_type == "Shape"] == [["xq"], ["x"]]
+    assert [list(n.input) for n in model.graph.node if n.op_type == "Relu"] == [["xd"]]
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert list(after[1]) == [2, 3, 5, 7]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
 
 
 def psnr(a, b) -> float:

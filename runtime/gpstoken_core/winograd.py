@@ -27,9 +27,9 @@ import numpy as np
 # and wider: faster; benchmarks/winograd.py and the README's runtime notes)
 MIN_CHANNELS = 128
 TILE = 4  # output tile side
+WINDOW = 6  # input tile side (TILE + 3 - 1)
 # the external-data location of initializers whose arrays a runtime is handed in memory (never a file)
 IN_MEMORY = "gpstoken-in-memory"
-WINDOW = 6  # input tile side (TILE + 3 - 1)
 
 # F(4x4, 3x3): data transform B^T (6x6), filter transform G (6x3), output transform A^T (4x6).
 _BT = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0], [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
